@@ -1,0 +1,36 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench photos clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml requirements-dev.txt requirements-nodeps.txt
+	$(PIP) install -r requirements-dev.txt
+	$(PIP) install -e '.[zoo,test]'
+	$(PIP) install --no-deps -r requirements-nodeps.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sub8 demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The benchmark photo set (GNOME/MATE wallpapers, Tux Paint stamps, scikit-image photos).
+photos: $(STAMP)
+	@test -d /usr/share/tuxpaint/stamps/animals -a -d /usr/share/backgrounds/mate || \
+		(apt-get update -qq && apt-get install -y -qq gnome-backgrounds mate-backgrounds tuxpaint-stamps-default)
+	$(PY) benchmarks/build_photo_set.py --out data/bench-photos
+
+bench: photos
+	$(PY) benchmarks/bench_rtn.py --photos data/bench-photos
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

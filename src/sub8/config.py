@@ -1,0 +1,67 @@
+"""What a run is asked to do: one dataclass shared by the Python API and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import Sub8Error
+from .quant.quantizer import parse_bits
+from .quant.ranges import METHODS
+
+
+@dataclass
+class QuantConfig:
+    w_bits: int | None = 4
+    a_bits: int | None = 4
+    # First and last quantizable layers (in graph order); None keeps them in float.
+    first_last_bits: int | None = 8
+    # fnmatch pattern on layer names -> (w_bits, a_bits); applied after first/last, in order.
+    layer_bits: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    ranges: str = "mse"
+    percentile: float = 99.99
+    w_symmetric: bool = False
+    a_symmetric: bool = False
+    pipeline: str = "rtn"
+    steps: tuple[str, ...] | None = None  # an explicit step list overrides the pipeline's
+    samples: int = 256
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        self.w_bits = parse_bits(self.w_bits)
+        self.a_bits = parse_bits(self.a_bits)
+        self.first_last_bits = parse_bits(self.first_last_bits)
+        self.layer_bits = {pattern: (parse_bits(w), parse_bits(a))
+                           for pattern, (w, a) in dict(self.layer_bits).items()}
+        if isinstance(self.steps, str):
+            self.steps = tuple(s.strip() for s in self.steps.split(",") if s.strip())
+        elif self.steps is not None:
+            self.steps = tuple(self.steps)
+        if self.ranges not in METHODS:
+            raise Sub8Error(f"unknown range method {self.ranges!r}; choose one of {', '.join(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise Sub8Error(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.samples < 1:
+            raise Sub8Error(f"samples must be at least 1, got {self.samples}")
+        if self.batch_size < 1:
+            raise Sub8Error(f"batch size must be at least 1, got {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
+        out["steps"] = None if self.steps is None else list(self.steps)
+        return out
+
+
+def parse_layer_bits(items: list[str]) -> dict[str, tuple[int | None, int | None]]:
+    """Parse CLI items 'PATTERN=W' or 'PATTERN=W,A' (A defaults to W)."""
+    out = {}
+    for item in items:
+        pattern, sep, bits = item.partition("=")
+        if not sep or not pattern:
+            raise Sub8Error(f"--layer-bits expects PATTERN=W[,A], got {item!r}")
+        w, _, a = bits.partition(",")
+        out[pattern] = (parse_bits(w), parse_bits(a or w))
+    return out

@@ -1,0 +1,46 @@
+"""Fidelity of a quantized model to its float model, and accuracy when labels exist."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CONFIDENT = 0.5  # float top probability at or above this marks a "confident" image
+
+
+@torch.no_grad()
+def predict(module, images: torch.Tensor, batch_size: int = 32, device: str = "cpu") -> torch.Tensor:
+    """The model's outputs for all images, on the CPU in float32."""
+    outs = [module(images[i:i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)]
+    return torch.cat(outs)
+
+
+def compare(float_logits: torch.Tensor, quant_logits: torch.Tensor,
+            labels: torch.Tensor | None = None) -> dict:
+    """Agreement of the quantized model's predictions with the float model's.
+
+    top1_agreement: same argmax; top5_agreement: the float argmax is in the quantized top 5;
+    kl: mean KL(float || quantized) of the softmax outputs; the *_confident figure counts only
+    images whose float top probability is at least CONFIDENT.
+    """
+    f_logp = F.log_softmax(float_logits.double(), dim=1)
+    q_logp = F.log_softmax(quant_logits.double(), dim=1)
+    f_top1 = float_logits.argmax(dim=1)
+    agree = quant_logits.argmax(dim=1) == f_top1
+    k = min(5, quant_logits.shape[1])
+    top5 = (quant_logits.topk(k, dim=1).indices == f_top1[:, None]).any(dim=1)
+    kl = (f_logp.exp() * (f_logp - q_logp)).sum(dim=1)
+    confident = f_logp.exp().max(dim=1).values >= CONFIDENT
+    n_conf = int(confident.sum())
+    out = {
+        "n_images": len(float_logits),
+        "top1_agreement": agree.double().mean().item(),
+        "top5_agreement": top5.double().mean().item(),
+        "kl": kl.mean().item(),
+        "n_confident": n_conf,
+        "top1_agreement_confident": agree[confident].double().mean().item() if n_conf else None,
+    }
+    if labels is not None:
+        out["accuracy"] = (quant_logits.argmax(dim=1) == labels).double().mean().item()
+    return out

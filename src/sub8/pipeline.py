@@ -1,0 +1,112 @@
+"""Recipes: a pipeline is a list of steps, each a plain function over one Run.
+
+model + calibration data -> prepare -> steps -> evaluate. A new method is a new step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .calibrate import calibrate_ranges, correct_bias
+from .config import QuantConfig
+from .errors import Sub8Error
+from .evaluate import compare, predict
+from .prepare import PreparedModel, prepare
+from .report import TOOL, StepLog, versions
+from .size import size_report
+
+
+@dataclass
+class Run:
+    config: QuantConfig
+    prepared: PreparedModel
+    calib: torch.Tensor
+
+
+def step_ranges(run: Run) -> None:
+    c = run.config
+    calibrate_ranges(run.prepared, run.calib.to(c.device), c.ranges, c.percentile, c.batch_size, c.seed)
+
+
+def step_bias_correction(run: Run) -> None:
+    correct_bias(run.prepared, run.calib.to(run.config.device), run.config.batch_size)
+
+
+STEPS = {"ranges": step_ranges, "bias_correction": step_bias_correction}
+# rtn: round-to-nearest after range calibration, the paper's baseline.
+PIPELINES = {"rtn": ("ranges",)}
+
+
+def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
+    """The steps a config asks for: its explicit `steps`, else its pipeline's."""
+    if config.steps:
+        unknown = [s for s in config.steps if s not in STEPS]
+        if unknown:
+            raise Sub8Error(f"unknown step(s) {', '.join(unknown)}; steps are: {', '.join(STEPS)}")
+        if config.steps[0] != "ranges":
+            raise Sub8Error("the first step must be 'ranges': every later step needs calibrated ranges")
+        return tuple(config.steps)
+    if config.pipeline not in PIPELINES:
+        raise Sub8Error(f"unknown pipeline {config.pipeline!r}; choose one of {', '.join(PIPELINES)}")
+    return PIPELINES[config.pipeline]
+
+
+@dataclass
+class QuantizedModel:
+    prepared: PreparedModel
+    report: dict = field(default_factory=dict)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.prepared.module
+
+    def __call__(self, x):
+        return self.prepared.module(x)
+
+
+def as_tensor(data) -> torch.Tensor:
+    """Calibration data as one N x ... tensor: a tensor, or an iterable of tensor batches."""
+    if isinstance(data, torch.Tensor):
+        tensor = data
+    else:
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+        if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+            raise Sub8Error("calibration data must be a tensor or an iterable of tensor batches")
+        tensor = torch.cat(batches)
+    if len(tensor) == 0:
+        raise Sub8Error("the calibration data is empty")
+    return tensor.float()
+
+
+def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
+             eval_images: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
+             float_logits: torch.Tensor | None = None) -> QuantizedModel:
+    """Quantize `model` with `config.pipeline` on `calib`; evaluate against the float model on
+    `eval_images` when given (`float_logits`, if the caller has them already, saves a pass)."""
+    config = config or QuantConfig()
+    steps = pipeline_steps(config)
+    calib = as_tensor(calib)
+    torch.manual_seed(config.seed)
+    log = StepLog()
+    with log.step("prepare", config.device):
+        prepared = prepare(model, calib[:1], config)
+    run = Run(config, prepared, calib)
+    for name in steps:
+        with log.step(name, config.device):
+            STEPS[name](run)
+    report = {"tool": TOOL, "config": config.to_dict(), "seed": config.seed, "versions": versions(),
+              "calibration": {"n_images": len(calib)},
+              "layers": [info.to_dict() for info in prepared.layers],
+              "size": size_report(prepared), "steps": log.steps}
+    if eval_images is not None:
+        with log.step("evaluate", config.device):
+            if float_logits is None:
+                float_logits = predict(model.to(config.device).eval(), eval_images,
+                                       config.batch_size, config.device)
+            quant_logits = predict(prepared.module, eval_images, config.batch_size, config.device)
+            report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels),
+                                 "quantized": compare(float_logits, quant_logits, eval_labels)}
+    return QuantizedModel(prepared, report)

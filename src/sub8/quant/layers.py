@@ -1,0 +1,100 @@
+"""The quantized layer wrapper: quantizes its input activation and its weight."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizer import Quantizer
+
+
+class QuantLayer(nn.Module):
+    """Wraps a Conv2d (any groups) or Linear, or a subclass of either with its own forward.
+
+    The float weight and bias stay in `layer`; `weight_quantizer` is per output channel,
+    `input_quantizer` per tensor. An optional `observer(layer, x)` sees each input before it is
+    quantized (range calibration, bias correction).
+    """
+
+    def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None,
+                 w_symmetric: bool = False, a_symmetric: bool = False):
+        super().__init__()
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"QuantLayer wraps Conv2d or Linear, not {type(layer).__name__}")
+        if layer.bias is None:  # every wrapped layer gets a bias: bias correction/tuning move it
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype,
+                                                  device=layer.weight.device))
+        self.layer = layer
+        self.weight_quantizer = Quantizer(w_bits, channels=layer.weight.shape[0], channel_axis=0,
+                                          symmetric=w_symmetric)
+        self.input_quantizer = Quantizer(a_bits, symmetric=a_symmetric)
+        self.observer = None
+        # A subclass (e.g. a "same"-padding conv) keeps its own forward; we only swap tensors.
+        self._plain = type(layer) in (nn.Conv2d, nn.Linear)
+
+    @property
+    def w_bits(self) -> int | None:
+        return self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int | None:
+        return self.input_quantizer.bits
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.layer.weight)
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The wrapped layer's own computation with the given weight and bias."""
+        if not self._plain:
+            tensors = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+            return torch.func.functional_call(self.layer, tensors, (x,))
+        if isinstance(self.layer, nn.Linear):
+            return F.linear(x, weight, bias)
+        return self.layer._conv_forward(x, weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(self, x)
+        return self.apply(self.input_quantizer(x), self.quantized_weight(), self.layer.bias)
+
+    def extra_repr(self) -> str:
+        def b(v):
+            return "float" if v is None else str(v)
+        return f"w_bits={b(self.w_bits)}, a_bits={b(self.a_bits)}"
+
+
+def quant_layers(module: nn.Module) -> dict[str, QuantLayer]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, QuantLayer)}
+
+
+@contextlib.contextmanager
+def float_mode(module: nn.Module):
+    """Run `module` with every quantizer bypassed: the exact (BN-folded) float model."""
+    quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
+    before = [q.bypass for q in quantizers]
+    for q in quantizers:
+        q.bypass = True
+    try:
+        yield module
+    finally:
+        for q, b in zip(quantizers, before):
+            q.bypass = b
+
+
+@torch.no_grad()
+def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_size: int) -> None:
+    """Run the float model over `data` with `observers[name](layer, x)` on the named layers."""
+    layers = quant_layers(module)
+    device = next(module.parameters()).device
+    for name, obs in observers.items():
+        layers[name].observer = obs
+    try:
+        with float_mode(module):
+            for i in range(0, len(data), batch_size):
+                module(data[i:i + batch_size].to(device))
+    finally:
+        for name in observers:
+            layers[name].observer = None

@@ -1,0 +1,187 @@
+"""Uniform affine fake-quantization with a learnable step and zero point.
+
+q(x) = s * (clamp(round(x / s) + round(z), qmin, qmax) - round(z))
+
+Rounding uses a straight-through estimator so that x, s and z all get gradients; the zero
+point is stored as a float parameter and rounded (with STE) onto the integer grid each time.
+`codes()` and `dequantize()` use the very same operations as `forward()`, so the integer codes,
+step and zero point reproduce the fake-quantized tensor bit for bit (what export relies on).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import Sub8Error
+
+FLOAT_BITS = (16, 32)
+
+
+def parse_bits(value) -> int | None:
+    """Bits 2..8 as an int; "float", 16 or 32 mean "leave in float" (None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("float", "fp", "fp32", "none"):
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise Sub8Error(f"bits must be an integer 2..8 or 'float', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Sub8Error(f"bits must be an integer 2..8 or 'float', got {value!r}")
+    if value in FLOAT_BITS:
+        return None
+    if not 2 <= value <= 8:
+        raise Sub8Error(f"bits must be in 2..8 (or 16/32/'float' for no quantization), got {value}")
+    return value
+
+
+def grid(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of a `bits`-bit integer grid."""
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
+    """Step, zero point and signedness that map [lo, hi] (widened to contain 0) onto the grid.
+
+    Zero must be exactly representable (zero padding, ReLU outputs), hence the widening.
+    """
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    tiny = 1e-12
+    if symmetric:
+        signed = bool((lo < 0).any())
+        qmin, qmax = grid(bits, signed)
+        step = torch.clamp(torch.maximum(-lo, hi) / qmax, min=tiny)
+        zero = torch.zeros_like(step)
+    else:
+        signed = False
+        qmin, qmax = grid(bits, signed)
+        step = torch.clamp((hi - lo) / (qmax - qmin), min=tiny)
+        zero = torch.clamp(torch.round(qmin - lo / step), qmin, qmax)
+    return step, zero, signed
+
+
+def fake_quantize(x, step, zero, qmin: int, qmax: int):
+    """The quantize-dequantize round trip without gradients (range searches use it)."""
+    return (torch.clamp(torch.round(x / step) + zero, qmin, qmax) - zero) * step
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, identity in the backward pass."""
+    return _RoundSTE.apply(x) if x.requires_grad else torch.round(x)
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizer for one tensor: per tensor (channel_axis=None) or per channel.
+
+    `bits=None` is a float pass-through. `symmetric=False` uses an unsigned grid with a zero
+    point; `symmetric=True` fixes the zero point at 0 and uses a signed grid, or an unsigned
+    one when the observed range is non-negative (after a ReLU).
+    """
+
+    def __init__(self, bits: int | None, channels: int = 1, channel_axis: int | None = None,
+                 symmetric: bool = False):
+        super().__init__()
+        if channel_axis is None and channels != 1:
+            raise ValueError("a per-tensor quantizer has one channel")
+        self.bits = bits
+        self.channel_axis = channel_axis
+        self.symmetric = symmetric
+        self.signed = False
+        shape = (channels,) if channel_axis is not None else ()
+        self.step = nn.Parameter(torch.ones(shape))
+        self.zero_point = nn.Parameter(torch.zeros(shape))
+        self.initialized = False
+        self.bypass = False  # temporarily act as float (see layers.float_mode)
+
+    # -- grid -------------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def qmin(self) -> int:
+        return grid(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return grid(self.bits, self.signed)[1]
+
+    def _view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if self.channel_axis is None:
+            return t
+        shape = [1] * ndim
+        shape[self.channel_axis] = -1
+        return t.view(shape)
+
+    # -- ranges -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set step and zero point so that [lo, hi] (widened to contain 0) maps onto the grid."""
+        if self.bits is None:
+            return
+        shape = self.step.shape
+        lo = torch.as_tensor(lo, dtype=torch.float32, device=self.step.device).reshape(shape)
+        hi = torch.as_tensor(hi, dtype=torch.float32, device=self.step.device).reshape(shape)
+        step, zero, self.signed = affine_params(lo, hi, self.bits, self.symmetric)
+        self.step.copy_(step)
+        self.zero_point.copy_(zero)
+        self.initialized = True
+
+    # -- quantization -----------------------------------------------------------------------
+    def _step_zero(self, ndim: int):
+        step = self._view(self.step, ndim)
+        zero = round_ste(self._view(self.zero_point, ndim))
+        return step, zero
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of x (as a float tensor holding integers in [qmin, qmax])."""
+        step, zero = self._step_zero(x.dim())
+        return torch.clamp(round_ste(x / step) + zero, self.qmin, self.qmax)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        step, zero = self._step_zero(codes.dim())
+        return (codes - zero) * step
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """x rounded onto the grid and back (ignores `bypass`)."""
+        if self.bits is None:
+            return x
+        if not self.initialized:
+            raise RuntimeError("quantizer used before its range was calibrated")
+        return self.dequantize(self.codes(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.bypass else self.fake_quant(x)
+
+    # -- persistence: the grid travels with the state dict (weights_only-safe types) -------
+    def get_extra_state(self):
+        return {"bits": -1 if self.bits is None else self.bits, "signed": self.signed,
+                "symmetric": self.symmetric, "initialized": self.initialized}
+
+    def set_extra_state(self, state):
+        self.bits = None if state["bits"] == -1 else int(state["bits"])
+        self.signed = bool(state["signed"])
+        self.symmetric = bool(state["symmetric"])
+        self.initialized = bool(state["initialized"])
+
+    def extra_repr(self) -> str:
+        if self.bits is None:
+            return "float"
+        kind = "per-channel" if self.channel_axis is not None else "per-tensor"
+        grid = "signed" if self.signed else "unsigned"
+        return f"bits={self.bits}, {kind}, {'symmetric' if self.symmetric else 'asymmetric'}, {grid}"

@@ -1,0 +1,54 @@
+"""Range estimators: min-max, percentile and MSE-optimal clipping.
+
+Each returns (lo, hi) per row of a 2-D tensor: one row per output channel for weights, a single
+row (a sample of the observed values) for a per-tensor activation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .quantizer import affine_params, fake_quantize, grid
+
+METHODS = ("minmax", "percentile", "mse")
+
+
+def minmax(rows: torch.Tensor):
+    return rows.amin(dim=1), rows.amax(dim=1)
+
+
+def percentile(rows: torch.Tensor, pct: float):
+    """The pct-th and (100-pct)-th percentiles of each row (pct like 99.99)."""
+    q = torch.tensor([1 - pct / 100, pct / 100], dtype=rows.dtype, device=rows.device)
+    lohi = torch.quantile(rows, q, dim=1)
+    return lohi[0], lohi[1]
+
+
+@torch.no_grad()
+def mse(rows: torch.Tensor, bits: int, symmetric: bool, grid_points: int = 100):
+    """Shrink [min, max] by the factor in (0, 1] that minimizes each row's quantization MSE."""
+    lo0, hi0 = minmax(rows)
+    best_err = torch.full_like(lo0, float("inf"))
+    best_lo, best_hi = lo0.clone(), hi0.clone()
+    for alpha in torch.linspace(1.0, 1.0 / grid_points, grid_points).tolist():
+        lo, hi = lo0 * alpha, hi0 * alpha
+        step, zero, signed = affine_params(lo, hi, bits, symmetric)
+        qmin, qmax = grid(bits, signed)
+        err = (fake_quantize(rows, step[:, None], zero[:, None], qmin, qmax) - rows).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo, best_lo)
+        best_hi = torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+def estimate(rows: torch.Tensor, method: str, bits: int, symmetric: bool, pct: float = 99.99):
+    """(lo, hi) per row by `method`."""
+    rows = rows.float()
+    if method == "minmax":
+        return minmax(rows)
+    if method == "percentile":
+        return percentile(rows, pct)
+    if method == "mse":
+        return mse(rows, bits, symmetric)
+    raise ValueError(f"unknown range method {method!r}; choose one of {', '.join(METHODS)}")

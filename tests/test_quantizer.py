@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from sub8 import Sub8Error
+from sub8.quant import Quantizer, parse_bits
+from sub8.quant.ranges import estimate
+
+
+def calibrated(x, bits, axis=None, symmetric=False, method="minmax"):
+    channels = x.shape[0] if axis is not None else 1
+    q = Quantizer(bits, channels=channels, channel_axis=axis, symmetric=symmetric)
+    rows = x.reshape(channels, -1)
+    q.set_range(*estimate(rows, method, bits, symmetric))
+    return q
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_error_within_half_step(bits, symmetric):
+    x = torch.randn(16, 3, 3, 3) * torch.logspace(-2, 1, 16)[:, None, None, None]
+    q = calibrated(x, bits, axis=0, symmetric=symmetric)
+    err = (q(x) - x).abs()
+    step = q.step.view(-1, 1, 1, 1)
+    assert (err <= step / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_codes_reproduce_fake_quant_exactly(bits):
+    x = torch.randn(8, 5, 3, 3)
+    q = calibrated(x, bits, axis=0, method="mse")
+    codes = q.codes(x)
+    assert torch.equal(codes, codes.round())
+    assert codes.min() >= q.qmin and codes.max() <= q.qmax
+    assert torch.equal(q.dequantize(codes), q(x))  # bit for bit
+
+
+def test_per_channel_steps_differ_per_channel():
+    x = torch.randn(6, 10) * torch.tensor([0.01, 0.1, 1, 10, 100, 1000])[:, None]
+    q = calibrated(x, 8, axis=0)
+    assert len(set(q.step.tolist())) == 6
+    ratio = q.step[-1] / q.step[0]
+    assert 1e4 < ratio < 1e6
+
+
+def test_unsigned_after_relu_and_signed_symmetric():
+    relu_out = torch.rand(1000)
+    q = calibrated(relu_out, 4, symmetric=True)
+    assert not q.signed and (q.qmin, q.qmax) == (0, 15)
+    q = calibrated(torch.randn(1000), 4, symmetric=True)
+    assert q.signed and (q.qmin, q.qmax) == (-8, 7) and q.zero_point.item() == 0
+    q = calibrated(relu_out, 4, symmetric=False)
+    assert q.zero_point.item() == 0  # min 0 maps to code 0
+
+
+def test_zero_is_exact():
+    x = torch.randn(4, 100) + 0.3
+    q = calibrated(x, 3, axis=0)
+    assert torch.equal(q(torch.zeros(4, 1)), torch.zeros(4, 1))
+
+
+def test_straight_through_gradients_reach_step_and_zero_point():
+    x = torch.randn(4, 50)
+    q = calibrated(x, 4, axis=0)
+    x.requires_grad_(True)
+    loss = (q(x) - x.detach() * 1.1).pow(2).sum()
+    loss.backward()
+    assert q.step.grad is not None and q.step.grad.abs().sum() > 0
+    assert q.zero_point.grad is not None and q.zero_point.grad.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_float_bits_pass_through():
+    q = Quantizer(parse_bits("float"))
+    x = torch.randn(10)
+    assert q(x) is x
+
+
+@pytest.mark.parametrize("bad", [1, 9, 0, -4, "abc", 12, 4.5])
+def test_bits_out_of_range(bad):
+    with pytest.raises(Sub8Error):
+        parse_bits(bad)
+
+
+def test_state_dict_carries_the_grid():
+    x = torch.randn(3, 20)
+    q = calibrated(x, 5, axis=0, symmetric=True)
+    q2 = Quantizer(8, channels=3, channel_axis=0)
+    q2.load_state_dict(q.state_dict())
+    assert (q2.bits, q2.signed, q2.symmetric) == (5, True, True)
+    assert torch.equal(q2(x), q(x))
