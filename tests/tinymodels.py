@@ -65,3 +65,10 @@ def tiny_module_only():
 
 def not_a_model():
     return 42
+
+
+def tiny_with_nan():
+    model, transform = tiny()
+    with torch.no_grad():
+        model.block.conv1.weight[0, 0, 0, 0] = float("nan")
+    return model, transform

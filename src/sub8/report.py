@@ -112,13 +112,21 @@ def atomic_dir(path: str):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: str, data: dict) -> None:
-    """Write JSON atomically (temp file + rename)."""
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write a file atomically (temp file in the same folder, then rename)."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=_json_default)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, data: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
 
 
 def _json_default(obj):

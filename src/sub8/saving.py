@@ -6,8 +6,8 @@ torch.load(weights_only=True). The quantizers' grids travel in their `_extra_sta
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 
 import torch
 
@@ -15,6 +15,7 @@ from .config import QuantConfig
 from .errors import Sub8Error
 from .pipeline import QuantizedModel
 from .prepare import prepare
+from .report import write_bytes_atomic
 from .zoo import load_model
 
 FORMAT = "sub8.model.pt"
@@ -28,10 +29,9 @@ def save(qmodel: QuantizedModel, out_dir: str, spec: str, input_shape: tuple[int
                "config": qmodel.report.get("config", {}),
                "state_dict": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
                               for k, v in qmodel.module.state_dict().items()}}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out_dir)
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
     return path
 
 

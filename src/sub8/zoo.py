@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from typing import Callable
@@ -42,9 +43,12 @@ def load_state_dict(path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise Sub8Error(f"{path!r} is not a plain state dict: loading with weights_only=True refused it "
-                        f"({first}). Save the model with torch.save(model.state_dict(), path)") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if not found:
+            raise Sub8Error(f"{path!r} is not a readable PyTorch checkpoint (corrupt or truncated?)") from None
+        raise Sub8Error(f"{path!r} is not a plain state dict: it holds a pickled {found.group(1)}, which "
+                        f"loading with weights_only=True refuses (it could run code). Save the model "
+                        f"with torch.save(model.state_dict(), path)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise Sub8Error(f"{path!r} is not a readable PyTorch checkpoint (corrupt or truncated?): "
