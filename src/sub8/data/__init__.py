@@ -1,0 +1,3 @@
+from .images import ImageFolder, load_images
+
+__all__ = ["ImageFolder", "load_images"]
