@@ -13,6 +13,7 @@ import torch
 from .config import QuantConfig, parse_layer_bits
 from .errors import Sub8Error
 from .quant.ranges import METHODS
+from .table import fmt_bits, metrics_line, table_header
 
 
 def clean_errors(fn):
@@ -36,24 +37,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main():
     """sub8: post-training quantization of PyTorch models to 2..8 bits."""
     warnings.showwarning = _show_warning
-
-
-def fmt_bits(b):
-    return "float" if b is None else str(b)
-
-
-def metrics_line(name: str, m: dict, size_ratio: float | None = None) -> str:
-    conf = m["top1_agreement_confident"]
-    conf_txt = f"{100 * conf:6.1f}%" if conf is not None else "    n/a"
-    acc = f"  {100 * m['accuracy']:6.1f}%" if "accuracy" in m else ""
-    size = f"  {100 * size_ratio:5.1f}%" if size_ratio is not None else "       "
-    return (f"{name:<13} {100 * m['top1_agreement']:6.1f}% {conf_txt} {100 * m['top5_agreement']:6.1f}%"
-            f" {m['kl']:8.4f}{size}{acc}")
-
-
-def table_header(labelled: bool) -> str:
-    head = f"{'config':<13} {'top1':>7} {'top1@conf':>7} {'top5':>7} {'KL':>8}  {'size':>6}"
-    return head + ("  accuracy" if labelled else "")
 
 
 @main.command()

@@ -11,6 +11,7 @@ from .data.demo import build_demo_set
 from .evaluate import compare, predict
 from .pipeline import quantize
 from .report import write_json
+from .table import metrics_line, table_header
 from .zoo import load_model
 
 DEMO_CONFIGS = ((8, 8), (4, 8), (4, 4))
@@ -25,8 +26,6 @@ def default_photo_dir() -> str:
 
 def run_demo(model_spec: str, ranges: str, photos: str | None, out_path: str | None, seed: int,
              echo=print) -> list[dict]:
-    from .cli import metrics_line, table_header
-
     calib_dir, eval_dir = build_demo_set(photos or default_photo_dir())
     loaded = load_model(model_spec)
     calib = load_images(calib_dir, loaded.transform, seed=seed, role="calibration")
