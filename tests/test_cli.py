@@ -58,6 +58,21 @@ def test_quantize_writes_report_and_loadable_model(image_dirs, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if "partial" in f or ".old-" in f]
 
 
+def test_adaquant_pipeline_records_each_layer(image_dirs, tmp_path):
+    calib, _ = image_dirs
+    out = str(tmp_path / "run")
+    result = quantize(calib, out, "--pipeline", "adaquant", "--adaquant", "sequential", "--iters", "3",
+                      "--batch-size", "4", "--samples", "10")
+    assert result.exit_code == 0, result.output
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert [s["name"] for s in report["steps"]] == ["prepare", "ranges", "adaquant"]
+    record = report["adaquant"]
+    assert record["settings"]["mode"] == "sequential" and record["settings"]["iters"] == 3
+    assert record["n_train"] == 9 and record["n_heldout"] == 1
+    assert [r["name"] for r in record["layers"]] == [layer["name"] for layer in report["layers"]]
+    assert all(r["heldout_mse_before"] >= 0 and r["heldout_mse_after"] >= 0 for r in record["layers"])
+
+
 def test_rerun_into_a_previous_run_and_force(image_dirs, tmp_path):
     calib, _ = image_dirs
     out = str(tmp_path / "run")
@@ -146,6 +161,7 @@ def test_calibration_folders(tmp_path, image_dirs):
     ("--layer-bits", "fc", "PATTERN=W[,A]"),
     ("--pipeline", "magic", "unknown pipeline"),
     ("--steps", "ranges,magic", "unknown step"),
+    ("--holdout", "1.5", "holdout must be in (0, 1)"),
 ])
 def test_bad_options(image_dirs, tmp_path, flag, value, message):
     calib, _ = image_dirs

@@ -10,7 +10,7 @@ import warnings
 import click
 import torch
 
-from .config import QuantConfig, parse_layer_bits
+from .config import ADAQUANT_MODES, AdaQuantConfig, QuantConfig, parse_layer_bits
 from .errors import Sub8Error
 from .quant.ranges import METHODS
 from .table import fmt_bits, metrics_line, table_header
@@ -50,22 +50,38 @@ def main():
 @click.option("--a-bits", default="4", show_default=True, help="activation bits 2..8 or float")
 @click.option("--first-last-bits", default="8", show_default=True, help="bits of the first and last layer")
 @click.option("--layer-bits", multiple=True, help="PATTERN=W[,A] per-layer bits by name pattern (repeatable)")
-@click.option("--pipeline", default="rtn", show_default=True, help="rtn")
+@click.option("--pipeline", default="rtn", show_default=True, help="rtn or adaquant (ranges, then AdaQuant)")
 @click.option("--steps", default=None, help="explicit step list, e.g. ranges,bias_correction")
 @click.option("--ranges", type=click.Choice(METHODS), default="mse", show_default=True)
 @click.option("--percentile", default=99.99, show_default=True, help="for --ranges percentile")
 @click.option("--w-symmetric", is_flag=True, help="symmetric weight grids (default asymmetric)")
 @click.option("--a-symmetric", is_flag=True, help="symmetric activation grids (default asymmetric)")
 @click.option("--samples", default=256, show_default=True, help="calibration images to use")
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--forward-batch", default=32, show_default=True, help="images per forward pass")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--adaquant", "adaquant_mode", type=click.Choice(ADAQUANT_MODES), default="parallel",
+              show_default=True, help="AdaQuant inputs: float (parallel) or quantized model's (sequential)")
+@click.option("--iters", default=AdaQuantConfig.iters, show_default=True, help="AdaQuant iterations per layer")
+@click.option("--batch-size", default=AdaQuantConfig.batch_size, show_default=True, help="AdaQuant mini-batch")
+@click.option("--lr-weight", default=AdaQuantConfig.lr_weight, show_default=True)
+@click.option("--lr-bias", default=AdaQuantConfig.lr_bias, show_default=True)
+@click.option("--lr-weight-quant", default=AdaQuantConfig.lr_weight_quant, show_default=True,
+              help="relative rate of the weight steps (log space)")
+@click.option("--lr-input-quant", default=AdaQuantConfig.lr_input_quant, show_default=True,
+              help="relative rate of the input steps (log space)")
+@click.option("--holdout", default=AdaQuantConfig.holdout, show_default=True,
+              help="share of calibration samples kept out of AdaQuant to measure it")
+@click.option("--max-memory", default=AdaQuantConfig.max_memory_gb, show_default=True,
+              help="GB bound on AdaQuant's cached activations")
+@click.option("--cache-fp16", is_flag=True, help="cache AdaQuant activations in float16")
 @click.option("--out", "out_dir", required=True, help="output folder")
 @click.option("--force", is_flag=True, help="replace an output folder that is not a sub8 run")
 @clean_errors
 def quantize(model_spec, weights, calib, eval_dir, labels, w_bits, a_bits, first_last_bits, layer_bits,
-             pipeline, steps, ranges, percentile, w_symmetric, a_symmetric, samples, batch_size, seed, device,
-             out_dir, force):
+             pipeline, steps, ranges, percentile, w_symmetric, a_symmetric, samples, forward_batch, seed, device,
+             adaquant_mode, iters, batch_size, lr_weight, lr_bias, lr_weight_quant, lr_input_quant, holdout,
+             max_memory, cache_fp16, out_dir, force):
     """Quantize a model and write OUT/report.json and OUT/model.pt."""
     from .data import load_images
     from .pipeline import quantize as run_quantize
@@ -79,7 +95,12 @@ def quantize(model_spec, weights, calib, eval_dir, labels, w_bits, a_bits, first
     config = QuantConfig(w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
                          layer_bits=parse_layer_bits(layer_bits), ranges=ranges, percentile=percentile,
                          w_symmetric=w_symmetric, a_symmetric=a_symmetric, pipeline=pipeline, steps=steps,
-                         samples=samples, batch_size=batch_size, seed=seed, device=device)
+                         samples=samples, forward_batch=forward_batch, seed=seed, device=device,
+                         adaquant=AdaQuantConfig(mode=adaquant_mode, iters=iters, batch_size=batch_size,
+                                                 lr_weight=lr_weight, lr_bias=lr_bias,
+                                                 lr_weight_quant=lr_weight_quant, lr_input_quant=lr_input_quant,
+                                                 holdout=holdout, max_memory_gb=max_memory,
+                                                 cache_fp16=cache_fp16))
     loaded = load_model(model_spec, weights)
     calib_set = load_images(calib, loaded.transform, limit=samples, seed=seed, role="calibration")
     eval_set = None

@@ -9,6 +9,34 @@ from .errors import Sub8Error
 from .quant.quantizer import parse_bits
 from .quant.ranges import METHODS
 
+ADAQUANT_MODES = ("parallel", "sequential")
+
+
+@dataclass
+class AdaQuantConfig:
+    mode: str = "parallel"
+    iters: int = 1000
+    batch_size: int = 50
+    lr_weight: float = 1e-5
+    lr_bias: float = 1e-3
+    # Quantizer steps are optimized in log space, so these two are relative rates (see
+    # calibrate/adaquant.py); the paper's absolute 1e-1 for the input step becomes 1e-2 here.
+    lr_weight_quant: float = 1e-3
+    lr_input_quant: float = 1e-2
+    holdout: float = 0.1          # share of calibration samples kept out of the optimization
+    max_memory_gb: float = 4.0    # bound on the cached inputs and targets
+    cache_fp16: bool = False
+
+    def __post_init__(self):
+        if self.mode not in ADAQUANT_MODES:
+            raise Sub8Error(f"--adaquant must be one of {', '.join(ADAQUANT_MODES)}, got {self.mode!r}")
+        if self.iters < 0 or self.batch_size < 1:
+            raise Sub8Error("AdaQuant needs iters >= 0 and a batch size >= 1")
+        if not 0.0 < self.holdout < 1.0:
+            raise Sub8Error(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.max_memory_gb <= 0:
+            raise Sub8Error(f"max memory must be positive, got {self.max_memory_gb}")
+
 
 @dataclass
 class QuantConfig:
@@ -25,11 +53,14 @@ class QuantConfig:
     pipeline: str = "rtn"
     steps: tuple[str, ...] | None = None  # an explicit step list overrides the pipeline's
     samples: int = 256
-    batch_size: int = 32
+    forward_batch: int = 32  # images per forward pass (calibration, evaluation)
     seed: int = 0
     device: str = "cpu"
+    adaquant: AdaQuantConfig = field(default_factory=AdaQuantConfig)
 
     def __post_init__(self):
+        if isinstance(self.adaquant, dict):
+            self.adaquant = AdaQuantConfig(**self.adaquant)
         self.w_bits = parse_bits(self.w_bits)
         self.a_bits = parse_bits(self.a_bits)
         self.first_last_bits = parse_bits(self.first_last_bits)
@@ -45,8 +76,8 @@ class QuantConfig:
             raise Sub8Error(f"percentile must be in (50, 100], got {self.percentile}")
         if self.samples < 1:
             raise Sub8Error(f"samples must be at least 1, got {self.samples}")
-        if self.batch_size < 1:
-            raise Sub8Error(f"batch size must be at least 1, got {self.batch_size}")
+        if self.forward_batch < 1:
+            raise Sub8Error(f"forward batch must be at least 1, got {self.forward_batch}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

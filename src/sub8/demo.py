@@ -7,7 +7,7 @@ import time
 
 from .config import QuantConfig
 from .data import load_images
-from .data.demo import build_demo_set
+from .data.demo import DEMO_SET_VERSION, build_demo_set
 from .evaluate import compare, predict
 from .pipeline import quantize
 from .report import write_json
@@ -21,7 +21,7 @@ DEMO_RECIPES = (("rtn", ("ranges",)), ("rtn+bc", ("ranges", "bias_correction")))
 
 def default_photo_dir() -> str:
     cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.path.join(cache, "sub8", "demo-photos")
+    return os.path.join(cache, "sub8", f"demo-photos-v{DEMO_SET_VERSION}")
 
 
 def run_demo(model_spec: str, ranges: str, photos: str | None, out_path: str | None, seed: int,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibrate import calibrate_ranges, correct_bias
+from .calibrate import adaquant, calibrate_ranges, correct_bias
 from .config import QuantConfig
 from .errors import Sub8Error
 from .evaluate import compare, predict
@@ -28,16 +28,22 @@ class Run:
 
 def step_ranges(run: Run) -> None:
     c = run.config
-    calibrate_ranges(run.prepared, run.calib.to(c.device), c.ranges, c.percentile, c.batch_size, c.seed)
+    calibrate_ranges(run.prepared, run.calib.to(c.device), c.ranges, c.percentile, c.forward_batch, c.seed)
 
 
 def step_bias_correction(run: Run) -> None:
-    correct_bias(run.prepared, run.calib.to(run.config.device), run.config.batch_size)
+    correct_bias(run.prepared, run.calib.to(run.config.device), run.config.forward_batch)
 
 
-STEPS = {"ranges": step_ranges, "bias_correction": step_bias_correction}
+def step_adaquant(run: Run) -> dict:
+    c = run.config
+    return adaquant(run.prepared, run.calib.to(c.device), c.adaquant, c.forward_batch, c.seed)
+
+
+# A step may return a record; report.json keeps it under the step's name.
+STEPS = {"ranges": step_ranges, "bias_correction": step_bias_correction, "adaquant": step_adaquant}
 # rtn: round-to-nearest after range calibration, the paper's baseline.
-PIPELINES = {"rtn": ("ranges",)}
+PIPELINES = {"rtn": ("ranges",), "adaquant": ("ranges", "adaquant")}
 
 
 def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
@@ -94,19 +100,22 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     with log.step("prepare", config.device):
         prepared = prepare(model, calib[:1], config)
     run = Run(config, prepared, calib)
+    records = {}
     for name in steps:
         with log.step(name, config.device):
-            STEPS[name](run)
+            record = STEPS[name](run)
+        if record is not None:
+            records[name] = record
     report = {"tool": TOOL, "config": config.to_dict(), "seed": config.seed, "versions": versions(),
               "calibration": {"n_images": len(calib)},
               "layers": [info.to_dict() for info in prepared.layers],
-              "size": size_report(prepared), "steps": log.steps}
+              "size": size_report(prepared), "steps": log.steps, **records}
     if eval_images is not None:
         with log.step("evaluate", config.device):
             if float_logits is None:
                 float_logits = predict(model.to(config.device).eval(), eval_images,
-                                       config.batch_size, config.device)
-            quant_logits = predict(prepared.module, eval_images, config.batch_size, config.device)
+                                       config.forward_batch, config.device)
+            quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
             report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels),
                                  "quantized": compare(float_logits, quant_logits, eval_labels)}
     return QuantizedModel(prepared, report)

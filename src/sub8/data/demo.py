@@ -17,6 +17,7 @@ CALIB_SOURCES = ("astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycl
                  "moon.png")
 EVAL_SOURCES = ("chelsea.png", "coffee.png", "rocket.jpg", "retina.jpg", "coins.png",
                 "clock_motion.png", "cell.png")
+DEMO_SET_VERSION = 1  # bump when the crops change, so that cached sets are rebuilt
 CALIB_CROPS = 8
 EVAL_CROPS = 10
 

@@ -84,17 +84,26 @@ def float_mode(module: nn.Module):
             q.bypass = b
 
 
+class StopForward(Exception):
+    """Raised by an observer that has seen all it needs: the rest of the forward is skipped."""
+
+
 @torch.no_grad()
-def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_size: int) -> None:
-    """Run the float model over `data` with `observers[name](layer, x)` on the named layers."""
+def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_size: int,
+                 float_model: bool = True) -> None:
+    """Run the model over `data` with `observers[name](layer, x)` on the named layers: the float
+    model by default, else the model as quantized so far."""
     layers = quant_layers(module)
     device = next(module.parameters()).device
     for name, obs in observers.items():
         layers[name].observer = obs
     try:
-        with float_mode(module):
+        with float_mode(module) if float_model else contextlib.nullcontext():
             for i in range(0, len(data), batch_size):
-                module(data[i:i + batch_size].to(device))
+                try:
+                    module(data[i:i + batch_size].to(device))
+                except StopForward:
+                    pass
     finally:
         for name in observers:
             layers[name].observer = None

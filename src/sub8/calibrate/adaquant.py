@@ -1,0 +1,239 @@
+"""AdaQuant: layer-wise calibration (Hubara et al., 2021), parallel and sequential.
+
+For each quantized layer, minimize over the calibration set
+    || act(f(X; W, b)) - act(f(Q_a(X'); Q_w(W + dW), b + db)) ||^2
+over the weights, the bias and both quantizers' steps and zero points (Adam, one learning rate
+per group). `act` is the ReLU/ReLU6 that the graph says follows the layer, else the identity.
+Parallel: X' = X, the float input, so layers are independent and a group of them is optimized
+in one loop (the summed loss gives each layer exactly its own gradients, and Adam is
+per-parameter). Sequential: X' is the input that the already-quantized model before the layer
+produces, for every calibration sample.
+
+Inputs and targets are cached for a group of layers at a time, within `max_memory_gb`; the
+float model is re-run for each group. A held-out share of the calibration samples never enters
+the optimization and measures each layer's reconstruction error before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+from ..config import AdaQuantConfig
+from ..errors import Sub8Error
+from ..prepare import PreparedModel
+from ..quant.layers import QuantLayer, StopForward, quant_layers, run_observed
+
+ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
+
+
+class InputCache:
+    """Stores a layer's inputs, batch after batch; stops the forward after `stop` is seen."""
+
+    def __init__(self, dtype: torch.dtype, stop: bool):
+        self.parts: list[torch.Tensor] = []
+        self.dtype = dtype
+        self.stop = stop
+
+    def __call__(self, layer, x):
+        self.parts.append(x.detach().to(self.dtype))
+        if self.stop:
+            raise StopForward
+
+    def tensor(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
+def capture_inputs(module: torch.nn.Module, names: list[str], calib: torch.Tensor, batch: int,
+                   dtype: torch.dtype, float_model: bool) -> dict[str, torch.Tensor]:
+    """Inputs of the named layers (in graph order) for every calibration sample."""
+    caches = {n: InputCache(dtype, stop=(n == names[-1])) for n in names}
+    run_observed(module, caches, calib, batch, float_model=float_model)
+    return {n: c.tensor() for n, c in caches.items()}
+
+
+@torch.no_grad()
+def float_target(layer: QuantLayer, x: torch.Tensor, act, batch: int) -> torch.Tensor:
+    w, b = layer.layer.weight, layer.layer.bias
+    return torch.cat([act(layer.apply(x[i:i + batch].float(), w, b)).to(x.dtype)
+                      for i in range(0, len(x), batch)])
+
+
+def per_sample_bytes(prepared: PreparedModel, example: torch.Tensor, elem: int) -> dict[str, int]:
+    """Bytes that one calibration sample's input and target take in the cache, per layer."""
+    sizes = {}
+    layers = prepared.quant_layers()
+    name_of = {id(m): n for n, m in layers.items()}
+
+    def probe(layer, x):
+        out = layer.apply(x, layer.layer.weight, layer.layer.bias)
+        sizes[name_of[id(layer)]] = (x[0].numel() + out[0].numel()) * elem
+
+    run_observed(prepared.module, {n: probe for n in layers}, example[:1], 1)
+    return sizes
+
+
+def plan_groups(names: list[str], cost: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive layers whose caches fit the budget together."""
+    groups, current, used = [], [], 0
+    for n in names:
+        if cost[n] > budget:
+            raise Sub8Error(f"layer {n!r} alone needs {cost[n] / 2 ** 30:.2f} GB of cached activations, "
+                            f"over --max-memory {budget / 2 ** 30:.2f} GB; raise it, use --cache-fp16 "
+                            f"or fewer --samples")
+        if current and used + cost[n] > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(n)
+        used += cost[n]
+    if current:
+        groups.append(current)
+    return groups
+
+
+class LayerVariables:
+    """One layer's free variables, as Adam parameter groups.
+
+    Steps are optimized in log space (step = step0 * exp(u)): Adam's update has a fixed size
+    in parameter units, and steps differ by orders of magnitude across layers and channels, so
+    an absolute learning rate would be far too big for some and too small for others. The
+    quantizer learning rates are therefore relative (1e-3 ~ 0.1% of the step per iteration).
+    Zero points live on the integer grid and use absolute learning rates (integer units).
+    """
+
+    def __init__(self, layer: QuantLayer, cfg: AdaQuantConfig):
+        self.layer = layer
+        self.groups = [{"params": [layer.layer.weight], "lr": cfg.lr_weight},
+                       {"params": [layer.layer.bias], "lr": cfg.lr_bias}]
+        self.log_steps = {}
+        for key, lr in (("weight_quantizer", cfg.lr_weight_quant), ("input_quantizer", cfg.lr_input_quant)):
+            q = getattr(layer, key)
+            if not q.enabled:
+                continue
+            u = torch.zeros_like(q.step, requires_grad=True)
+            self.log_steps[key] = (q, q.step.detach().clone(), u)
+            self.groups.append({"params": [u] + ([] if q.symmetric else [q.zero_point]), "lr": lr})
+        for g in self.groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        steps = {f"{key}.step": step0 * torch.exp(u) for key, (_, step0, u) in self.log_steps.items()}
+        return torch.func.functional_call(self.layer, steps, (x,), strict=False)
+
+    @torch.no_grad()
+    def keep_grids_valid(self) -> None:
+        for q, _, _ in self.log_steps.values():
+            q.zero_point.clamp_(q.qmin, q.qmax)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Write the optimized steps back and stop tracking gradients."""
+        for q, step0, u in self.log_steps.values():
+            q.step.copy_(step0 * torch.exp(u))
+        for g in self.groups:
+            for p in g["params"]:
+                p.requires_grad_(False)
+                p.grad = None
+
+
+def reconstruction_mse(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, act, batch: int) -> float:
+    with torch.no_grad():
+        total = sum(F.mse_loss(act(layer(x[i:i + batch].float())), y[i:i + batch].float(), reduction="sum")
+                    for i in range(0, len(x), batch))
+    return (total / y.numel()).item()
+
+
+def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, acts: dict, train: torch.Tensor,
+             cfg: AdaQuantConfig, seeds: dict[str, int], progress=None) -> None:
+    """Adam over the layers' variables on the summed reconstruction losses.
+
+    Each layer draws its mini-batches from its own generator (seeded by its position in the
+    model), so a layer sees the same batches whether it is optimized alone or in a group."""
+    variables = {n: LayerVariables(layer, cfg) for n, layer in layers.items()}
+    opt = torch.optim.Adam([g for v in variables.values() for g in v.groups])
+    gens = {n: torch.Generator().manual_seed(seeds[n]) for n in layers}
+    batch = min(cfg.batch_size, len(train))
+    for _ in range(cfg.iters):
+        loss = 0.0
+        for n, v in variables.items():
+            idx = train[torch.randint(len(train), (batch,), generator=gens[n])].to(xs[n].device)
+            loss = loss + F.mse_loss(acts[n](v(xs[n][idx].float())), ys[n][idx].float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for v in variables.values():
+            v.keep_grids_valid()
+        if progress is not None:
+            progress.update(len(layers))
+    for v in variables.values():
+        v.finish()
+
+
+def adaquant(prepared: PreparedModel, calib: torch.Tensor, cfg: AdaQuantConfig | None = None,
+             forward_batch: int = 32, seed: int = 0, show_progress: bool = True) -> dict:
+    """Run AdaQuant on every quantized layer with quantized weights. Returns the record for
+    report.json: the settings, the cache groups and each layer's held-out MSE before/after."""
+    cfg = cfg or AdaQuantConfig()
+    torch.set_flush_denormal(True)  # Adam's second moments decay into denormals: 20x slower on CPU
+    try:
+        return _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress) -> dict:
+    from tqdm import tqdm
+
+    layers = prepared.quant_layers()
+    # Optimized layers change their float weights too: inputs and targets come from a pristine copy.
+    float_module = copy.deepcopy(prepared.module)
+    float_layers = quant_layers(float_module)
+    info = {i.name: i for i in prepared.layers}
+    names = [i.name for i in prepared.layers if layers[i.name].weight_quantizer.enabled]
+    acts = {n: ACTIVATIONS[info[n].followed_by] for n in names}
+    seeds = {n: seed * 100_003 + k for k, n in enumerate(i.name for i in prepared.layers)}
+
+    n = len(calib)
+    n_holdout = max(1, int(round(cfg.holdout * n)))
+    if n - n_holdout < 1:
+        raise Sub8Error(f"AdaQuant needs at least 2 calibration samples, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train, held = order[n_holdout:], order[:n_holdout]
+
+    dtype = torch.float16 if cfg.cache_fp16 else torch.float32
+    elem = 2 if cfg.cache_fp16 else 4
+    budget = int(cfg.max_memory_gb * 2 ** 30)
+    cost = {k: v * n for k, v in per_sample_bytes(prepared, calib, elem).items()}
+    groups = plan_groups(names, cost, budget) if cfg.mode == "parallel" else [[k] for k in names]
+
+    records, peak_cache = {}, 0
+    bar = tqdm(total=len(names) * cfg.iters, desc=f"adaquant ({cfg.mode})", unit="it",
+               disable=not show_progress, leave=False)
+    for group in groups:
+        start = time.perf_counter()
+        xs_float = capture_inputs(float_module, group, calib, forward_batch, dtype, float_model=True)
+        ys = {k: float_target(float_layers[k], xs_float[k], acts[k], forward_batch) for k in group}
+        if cfg.mode == "sequential":  # the quantized model's own inputs, for every sample
+            xs = capture_inputs(prepared.module, group, calib, forward_batch, dtype, float_model=False)
+            del xs_float
+        else:
+            xs = xs_float
+        peak_cache = max(peak_cache, sum(t.numel() * t.element_size() for d in (xs, ys) for t in d.values()))
+        h = held.to(calib.device)
+        before = {k: reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch) for k in group}
+        optimize({k: layers[k] for k in group}, xs, ys, acts, train, cfg, seeds, bar)
+        seconds = (time.perf_counter() - start) / len(group)
+        for k in group:
+            after = reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch)
+            records[k] = {"name": k, "heldout_mse_before": before[k], "heldout_mse_after": after,
+                          "seconds": seconds}
+        del xs, ys
+    bar.close()
+    return {"settings": asdict(cfg), "n_train": len(train), "n_heldout": len(held),
+            "groups": len(groups), "peak_cache_mb": peak_cache / 2 ** 20,
+            "layers": [records[k] for k in names]}
