@@ -46,19 +46,27 @@ def test_adaquant_improves_heldout_mse_of_minmax_rtn_at_w4a4(kind):
     assert err < 0.7 * rtn_err
 
 
-def test_loss_uses_the_activation_that_follows_in_the_graph(monkeypatch):
-    model = randomize_bn(TinyNet())
-    x = torch.rand(20, 3, 32, 32)
-    p = rtn(model, x)
-    seen = {}
+@pytest.fixture
+def optimize_calls(monkeypatch):
+    """Records, per layer, the inputs and the activation that AdaQuant's optimize() was given."""
+    seen = {"xs": {}, "acts": {}}
     real = adaquant_module.optimize
 
     def spy(layers, xs, ys, acts, *args, **kwargs):
-        seen.update(acts)
+        seen["xs"].update({k: v.clone() for k, v in xs.items()})
+        seen["acts"].update(acts)
         return real(layers, xs, ys, acts, *args, **kwargs)
 
     monkeypatch.setattr(adaquant_module, "optimize", spy)
+    return seen
+
+
+def test_loss_uses_the_activation_that_follows_in_the_graph(optimize_calls):
+    model = randomize_bn(TinyNet())
+    x = torch.rand(20, 3, 32, 32)
+    p = rtn(model, x)
     adaquant(p, x, AdaQuantConfig(iters=1), show_progress=False)
+    seen = optimize_calls["acts"]
     assert seen["stem.0"] is ACTIVATIONS["relu6"] and seen["block.conv1"] is ACTIVATIONS["relu"]
     assert seen["block.conv2"] is ACTIVATIONS[None]  # feeds the residual add, not the ReLU
     assert seen["fc"] is ACTIVATIONS[None]
@@ -94,18 +102,11 @@ def test_cache_stays_under_max_memory():
         adaquant(rtn(model, x), x, AdaQuantConfig(iters=1, max_memory_gb=1e-5), show_progress=False)
 
 
-def test_sequential_inputs_are_the_quantized_models_inputs_for_all_samples(monkeypatch):
+def test_sequential_inputs_are_the_quantized_models_inputs_for_all_samples(optimize_calls):
     model = randomize_bn(TinyNet())
     x = torch.rand(36, 3, 32, 32)
     p = rtn(model, x)
-    used = {}
-    real = adaquant_module.optimize
-
-    def spy(layers, xs, *args, **kwargs):
-        used.update({k: v.clone() for k, v in xs.items()})
-        return real(layers, xs, *args, **kwargs)
-
-    monkeypatch.setattr(adaquant_module, "optimize", spy)
+    used = optimize_calls["xs"]
     adaquant(p, x, AdaQuantConfig(mode="sequential", iters=5, lr_weight=1e-3), forward_batch=8,
              show_progress=False)
     names = [i.name for i in p.layers]

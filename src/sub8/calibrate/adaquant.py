@@ -209,7 +209,9 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress) -> dict:
     elem = 2 if cfg.cache_fp16 else 4
     budget = int(cfg.max_memory_gb * 2 ** 30)
     cost = {k: v * n for k, v in per_sample_bytes(prepared, calib, elem).items()}
-    groups = plan_groups(names, cost, budget) if cfg.mode == "parallel" else [[k] for k in names]
+    groups = plan_groups(names, cost, budget)  # also refuses a layer that alone exceeds the budget
+    if cfg.mode == "sequential":  # each layer waits for the ones before it
+        groups = [[k] for k in names]
 
     records, peak_cache = {}, 0
     bar = tqdm(total=len(names) * cfg.iters, desc=f"adaquant ({cfg.mode})", unit="it",
