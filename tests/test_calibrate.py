@@ -60,6 +60,24 @@ def test_bias_correction_removes_the_mean_output_shift():
     assert shift_after.abs().max() < 1e-5
 
 
+def test_bias_correction_measures_against_the_float_model_after_weights_moved():
+    model, x, p = prepared_tiny(w_bits=8, a_bits=None, first_last_bits=8)
+    calibrate_ranges(p, x, "minmax")
+    layer = p.quant_layers()["grouped"]
+    with torch.no_grad():  # what AdaQuant does: the quantized layer's float weights move
+        layer.layer.weight.add_(0.05 * torch.randn_like(layer.layer.weight))
+    correct_bias(p, x)
+    ref = p.reference.get_submodule("grouped")
+    captured = {}
+    ref.register_forward_hook(lambda m, i, o: captured.__setitem__("in", i[0]))
+    with torch.no_grad(), float_mode(p.reference):
+        p.reference(x)
+        xin = captured["in"]
+        q = layer.apply(xin, layer.weight_quantizer.fake_quant(layer.layer.weight), layer.layer.bias)
+        f = ref.apply(xin, ref.layer.weight, ref.layer.bias)
+    assert (q - f).mean(dim=(0, 2, 3)).abs().max() < 1e-5
+
+
 def test_bias_correction_brings_outputs_closer():
     model, x, p = prepared_tiny(w_bits=3, a_bits=None, first_last_bits=3)
     calibrate_ranges(p, x[:32], "minmax")

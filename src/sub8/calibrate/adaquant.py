@@ -16,7 +16,6 @@ the optimization and measures each layer's reconstruction error before and after
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict
 
@@ -190,8 +189,8 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress) -> dict:
     from tqdm import tqdm
 
     layers = prepared.quant_layers()
-    # Optimized layers change their float weights too: inputs and targets come from a pristine copy.
-    float_module = copy.deepcopy(prepared.module)
+    # Optimized layers change their float weights: inputs and targets come from the reference.
+    float_module = prepared.reference
     float_layers = quant_layers(float_module)
     info = {i.name: i for i in prepared.layers}
     names = [i.name for i in prepared.layers if layers[i.name].weight_quantizer.enabled]

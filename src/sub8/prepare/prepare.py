@@ -23,6 +23,9 @@ class PreparedModel:
     module: fx.GraphModule
     layers: list[LayerInfo]
     float_params: int  # parameters of the user's (unfolded) float model
+    # An untouched copy of `module` as prepared: steps that move the float weights (AdaQuant)
+    # leave it alone, so later steps still see the exact (BN-folded) float model.
+    reference: fx.GraphModule
 
     def quant_layers(self) -> dict[str, QuantLayer]:
         return quant_layers(self.module)
@@ -61,4 +64,5 @@ def prepare(model: nn.Module, example: torch.Tensor, config: QuantConfig) -> Pre
                              w_symmetric=config.w_symmetric, a_symmetric=config.a_symmetric)
         gm.set_submodule(info.name, wrapper)
     gm.recompile()
-    return PreparedModel(module=gm.to(config.device).eval(), layers=layers, float_params=float_params)
+    gm = gm.to(config.device).eval()
+    return PreparedModel(module=gm, layers=layers, float_params=float_params, reference=copy.deepcopy(gm))
