@@ -29,9 +29,9 @@ class OutputShift:
 
     @torch.no_grad()
     def __call__(self, reference: QuantLayer, x: torch.Tensor) -> None:
-        q = self.layer
-        out = (q.apply(x, q.weight_quantizer.fake_quant(q.layer.weight), q.layer.bias)
-               - reference.apply(x, reference.layer.weight, reference.layer.bias))
+        q, ref = self.layer, reference.layer
+        # The layer is linear in (weight, bias): one pass on the differences avoids cancellation.
+        out = q.apply(x, q.weight_quantizer.fake_quant(q.layer.weight) - ref.weight, q.layer.bias - ref.bias)
         channels = out.movedim(1, -1) if isinstance(q.layer, torch.nn.Conv2d) else out
         channels = channels.reshape(-1, channels.shape[-1]).double()
         self.total = channels.sum(0) if self.total is None else self.total + channels.sum(0)
