@@ -2,10 +2,10 @@
 
 Rounding a layer's weights shifts the *mean* of its output channels: E[f(x; Wq) - f(x; W)].
 For a depthwise filter whose taps nearly cancel (an edge detector) on a channel that is almost
-constant, that shift is large
-next to the channel's natural spread, and the BN-normalized layers after it amplify it: on
-MobileNetV2 the first depthwise conv alone costs a KL of about 0.1 at 8 bits. Subtracting the
-shift, measured on the calibration set with float inputs, removes it. Layers are independent.
+constant, that shift is large next to the channel's natural spread, and the BN-normalized
+layers after it amplify it: on MobileNetV2 the first depthwise conv alone costs a KL of about
+0.1 at 8 bits. Subtracting the shift, measured on the calibration set with float inputs,
+removes it. Layers are independent.
 """
 
 from __future__ import annotations
