@@ -6,7 +6,8 @@ from sub8 import QuantConfig, Sub8Error, calibrate_ranges, prepare
 import importlib
 
 from sub8.calibrate import AdaQuantConfig, adaquant
-from sub8.calibrate.adaquant import ACTIVATIONS, capture_inputs, per_sample_bytes
+from sub8.calibrate.adaquant import (ACTIVATION_BOUNDS, ACTIVATIONS, activation_mse, capture_inputs,
+                                     per_sample_bytes)
 
 adaquant_module = importlib.import_module("sub8.calibrate.adaquant")  # the name `adaquant` is the function
 
@@ -48,14 +49,14 @@ def test_adaquant_improves_heldout_mse_of_minmax_rtn_at_w4a4(kind):
 
 @pytest.fixture
 def optimize_calls(monkeypatch):
-    """Records, per layer, the inputs and the activation that AdaQuant's optimize() was given."""
-    seen = {"xs": {}, "acts": {}}
+    """Records, per layer, the inputs and the following activation that AdaQuant's optimize() was given."""
+    seen = {"xs": {}, "followed": {}}
     real = adaquant_module.optimize
 
-    def spy(layers, xs, ys, acts, *args, **kwargs):
+    def spy(layers, xs, ys, followed, *args, **kwargs):
         seen["xs"].update({k: v.clone() for k, v in xs.items()})
-        seen["acts"].update(acts)
-        return real(layers, xs, ys, acts, *args, **kwargs)
+        seen["followed"].update(followed)
+        return real(layers, xs, ys, followed, *args, **kwargs)
 
     monkeypatch.setattr(adaquant_module, "optimize", spy)
     return seen
@@ -66,10 +67,10 @@ def test_loss_uses_the_activation_that_follows_in_the_graph(optimize_calls):
     x = torch.rand(20, 3, 32, 32)
     p = rtn(model, x)
     adaquant(p, x, AdaQuantConfig(iters=1), show_progress=False)
-    seen = optimize_calls["acts"]
-    assert seen["stem.0"] is ACTIVATIONS["relu6"] and seen["block.conv1"] is ACTIVATIONS["relu"]
-    assert seen["block.conv2"] is ACTIVATIONS[None]  # feeds the residual add, not the ReLU
-    assert seen["fc"] is ACTIVATIONS[None]
+    seen = optimize_calls["followed"]
+    assert seen["stem.0"] == "relu6" and seen["block.conv1"] == "relu"
+    assert seen["block.conv2"] is None  # feeds the residual add, not the ReLU
+    assert seen["fc"] is None
 
 
 def test_grouped_parallel_run_equals_one_layer_at_a_time():
@@ -117,3 +118,15 @@ def test_sequential_inputs_are_the_quantized_models_inputs_for_all_samples(optim
         assert torch.equal(used[name], quantized[name]), name
         assert torch.equal(used[name][-5:], quantized[name][-5:])  # a late batch too
     assert not torch.equal(used["fc"], floats["fc"])  # really not the float inputs
+
+
+@pytest.mark.parametrize("followed", [None, "relu", "relu6"])
+def test_fused_reconstruction_loss_matches_autograd(followed):
+    torch.manual_seed(0)
+    out = (torch.randn(8, 5, 6, 6, dtype=torch.float64) * 4).requires_grad_()
+    target = ACTIVATIONS[followed](torch.randn_like(out) * 4)
+    fused = activation_mse(out, target, ACTIVATION_BOUNDS[followed])
+    reference = torch.nn.functional.mse_loss(ACTIVATIONS[followed](out), target)
+    assert torch.allclose(fused, reference, rtol=1e-12)
+    assert torch.allclose(torch.autograd.grad(fused, out)[0], torch.autograd.grad(reference, out)[0],
+                          rtol=1e-12, atol=1e-15)

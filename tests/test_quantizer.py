@@ -3,6 +3,7 @@ import torch
 
 from sub8 import Sub8Error
 from sub8.quant import Quantizer, parse_bits
+from sub8.quant.quantizer import _FakeQuantSTE, round_ste
 from sub8.quant.ranges import estimate
 
 
@@ -61,12 +62,36 @@ def test_zero_is_exact():
 def test_straight_through_gradients_reach_step_and_zero_point():
     x = torch.randn(4, 50)
     q = calibrated(x, 4, axis=0)
-    x.requires_grad_(True)
+    x = (x * 1.5).requires_grad_(True)  # some values beyond the calibrated range: clamped
     loss = (q(x) - x.detach() * 1.1).pow(2).sum()
     loss.backward()
     assert q.step.grad is not None and q.step.grad.abs().sum() > 0
     assert q.zero_point.grad is not None and q.zero_point.grad.abs().sum() > 0
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("x_shape, step_shape", [((6, 5, 3, 3), (6, 1, 1, 1)), ((4, 7, 5, 5), ())])
+def test_fused_fake_quant_matches_op_by_op_autograd_in_float64(x_shape, step_shape):
+    """The hand-written backward equals autograd through the op-by-op formula (float64), except
+    on values that land exactly on qmin/qmax: those count as inside the grid (gradient 1 to x,
+    as torch's own fake-quant), where torch.clamp's backward treats them as clamped."""
+    torch.manual_seed(0)
+    x = (torch.randn(x_shape, dtype=torch.float64) * 3).requires_grad_()
+    step = (torch.rand(step_shape, dtype=torch.float64) * 0.3 + 0.1).requires_grad_()
+    zero = (torch.rand(step_shape, dtype=torch.float64) * 4 + 2).requires_grad_()
+    fused = _FakeQuantSTE.apply(x, step, zero, 0, 15)
+    z = round_ste(zero)
+    reference = (torch.clamp(round_ste(x / step) + z, 0, 15) - z) * step
+    assert torch.equal(fused, reference)
+    codes = (torch.round(x / step) + torch.round(zero)).detach()
+    on_edge = (codes == 0) | (codes == 15)
+    assert on_edge.any()
+    grad = torch.randn_like(fused) * ~on_edge
+    for a, b in zip(torch.autograd.grad(fused, (x, step, zero), grad, retain_graph=True),
+                    torch.autograd.grad(reference, (x, step, zero), grad)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    edge_grad = torch.autograd.grad(fused, x, on_edge.double())[0]
+    assert torch.equal(edge_grad[on_edge], torch.ones(int(on_edge.sum()), dtype=torch.float64))
 
 
 def test_float_bits_pass_through():
