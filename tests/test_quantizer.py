@@ -113,3 +113,26 @@ def test_state_dict_carries_the_grid():
     q2.load_state_dict(q.state_dict())
     assert (q2.bits, q2.signed, q2.symmetric) == (5, True, True)
     assert torch.equal(q2(x), q(x))
+
+
+def test_fused_per_tensor_kernel_agrees_with_codes_bit_for_bit():
+    """Per-tensor grids run torch's fused kernel in training; codes()/dequantize() (export) and
+    the no-grad forward must give the very same values, ties included."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, 16, 16) * 3
+    for step_value in (0.0371, 0.1, 1 / 3, 0.007):
+        q = Quantizer(4)
+        q.set_range(torch.tensor(x.min().item()), torch.tensor(x.max().item()))
+        q.step.data.fill_(step_value)
+        ties = (torch.arange(-1024, 1024).float() + 0.5) * step_value  # halfway between codes
+        xs = torch.cat([x.reshape(-1), ties]).reshape(-1, 8, 16, 16)
+        trained = q(xs.clone().requires_grad_())
+        with torch.no_grad():
+            plain = q(xs)
+        assert torch.equal(trained.detach(), plain)
+        assert torch.equal(q.dequantize(q.codes(xs)), plain)
+        # The fused kernel that CUDA training runs (here on CPU) gives the same values too.
+        fused, _ = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            xs, q.step.detach().reshape(1), q.zero_point.detach().round().reshape(1).int(),
+            torch.ones(1, dtype=torch.uint8), q.qmin, q.qmax)
+        assert torch.equal(fused, plain)

@@ -36,8 +36,9 @@ ACTIVATION_BOUNDS = {None: (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0
 
 class _ActivationMSE(torch.autograd.Function):
     """mean((clamp(out, lo, hi) - target) ** 2): the reconstruction loss through the ReLU/ReLU6
-    that follows the layer (no bounds: identity), in a third of the passes autograd takes for
-    relu + mse_loss. Gradient 0 where the activation clamps (as relu/hardtanh's backward)."""
+    that follows the layer (no bounds: identity), in a third of the memory passes autograd
+    takes for relu + mse_loss. Gradient 0 where the activation clamps, from the same fused
+    kernels relu and hardtanh use in their backward."""
 
     @staticmethod
     def forward(ctx, out, target, lo, hi):
@@ -50,14 +51,13 @@ class _ActivationMSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         out, d = ctx.saved_tensors
-        scale = grad * (2.0 / d.numel())
-        linear = None
-        if ctx.lo is not None:
-            linear = out > ctx.lo
         if ctx.hi is not None:
-            linear = out < ctx.hi if linear is None else linear.logical_and_(out < ctx.hi)
-        g = d if linear is None else torch.where(linear, d, 0.0)
-        return g * scale, None, None, None
+            g = torch.ops.aten.hardtanh_backward(d, out, ctx.lo, ctx.hi)
+        elif ctx.lo is not None:
+            g = torch.ops.aten.threshold_backward(d, out, ctx.lo)
+        else:
+            g = d.clone()
+        return g.mul_(grad * (2.0 / d.numel())), None, None, None
 
 
 def activation_mse(out: torch.Tensor, target: torch.Tensor, bounds) -> torch.Tensor:
@@ -157,8 +157,13 @@ class LayerVariables:
                 p.requires_grad_(True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        steps = {f"{key}.step": step0 * torch.exp(u) for key, (_, step0, u) in self.log_steps.items()}
-        return torch.func.functional_call(self.layer, steps, (x,), strict=False)
+        """The quantized layer's output with the steps being optimized."""
+        layer, steps = self.layer, self.log_steps
+        if "input_quantizer" in steps:
+            q, step0, u = steps["input_quantizer"]
+            x = q.fake_quant(x, step0 * torch.exp(u))
+        q, step0, u = steps["weight_quantizer"]
+        return layer.apply(x, q.fake_quant(layer.layer.weight, step0 * torch.exp(u)), layer.layer.bias)
 
     @torch.no_grad()
     def keep_grids_valid(self) -> None:
@@ -191,13 +196,18 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
     model), so a layer sees the same batches whether it is optimized alone or in a group."""
     variables = {n: LayerVariables(layer, cfg) for n, layer in layers.items()}
     opt = torch.optim.Adam([g for v in variables.values() for g in v.groups])
-    gens = {n: torch.Generator().manual_seed(seeds[n]) for n in layers}
     batch = min(cfg.batch_size, len(train))
-    for _ in range(cfg.iters):
+    # Every iteration's mini-batch indices up front, on the cache's device: a host-to-device
+    # copy inside the loop would make the CPU wait for the GPU at every layer.
+    batches = {n: train[torch.randint(len(train), (cfg.iters, batch),
+                                      generator=torch.Generator().manual_seed(seeds[n]))].to(xs[n].device)
+               for n in layers}
+    bounds = {n: ACTIVATION_BOUNDS[followed[n]] for n in layers}
+    for it in range(cfg.iters):
         loss = 0.0
         for n, v in variables.items():
-            idx = train[torch.randint(len(train), (batch,), generator=gens[n])].to(xs[n].device)
-            loss = loss + activation_mse(v(xs[n][idx].float()), ys[n][idx].float(), ACTIVATION_BOUNDS[followed[n]])
+            idx = batches[n][it]
+            loss = loss + activation_mse(v(xs[n][idx].float()), ys[n][idx].float(), bounds[n])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,6 +1,9 @@
 """Uniform affine fake-quantization with a learnable step and zero point.
 
-q(x) = s * (clamp(round(x / s) + round(z), qmin, qmax) - round(z))
+q(x) = s * (clamp(round(x * (1/s)) + round(z), qmin, qmax) - round(z))
+
+(x times the reciprocal of s, as torch's fused fake-quant kernels compute it, so that the
+fused per-tensor kernel and the op-by-op formula agree bit for bit.)
 
 Rounding uses a straight-through estimator so that x, s and z all get gradients; the zero
 point is stored as a float parameter and rounded (with STE) onto the integer grid each time.
@@ -67,7 +70,7 @@ def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
 
 def fake_quantize(x, step, zero, qmin: int, qmax: int):
     """The quantize-dequantize round trip without gradients (range searches use it)."""
-    return (torch.clamp(torch.round(x / step) + zero, qmin, qmax) - zero) * step
+    return (torch.clamp(torch.round(x * torch.reciprocal(step)) + zero, qmin, qmax) - zero) * step
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -86,23 +89,30 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """s * (clamp(round(x / s) + round(z), qmin, qmax) - round(z)) with straight-through rounding.
+    """s * (clamp(round(x * (1/s)) + round(z), qmin, qmax) - round(z)) with straight-through rounding.
 
-    The same arithmetic as `codes()` then `dequantize()`, in a few in-place passes, with the
-    gradients written out (what autograd gives the op-by-op version, in a fraction of the
-    passes and memory: AdaQuant's hot loop is dominated by activation fake-quantization):
-      d/dx = 1 inside the grid, 0 where clamped;
+    The same arithmetic as `codes()` then `dequantize()`, with the gradients written out (what
+    autograd gives the op-by-op version, in a fraction of the memory passes: AdaQuant's hot
+    loop is dominated by activation fake-quantization):
+      d/dx = 1 inside the grid (qmin <= code <= qmax), 0 where clamped;
       d/ds = round(x/s) - x/s inside, q - round(z) where clamped, i.e. (y - x * inside) / s;
       d/dz = 0 inside, -s where clamped.
-    `step` and `zero` come already shaped to broadcast against x.
+    `step` and `zero` come already shaped to broadcast against x. A per-tensor grid on CUDA
+    runs torch's fused fake-quant kernel (one pass for output and mask; it multiplies by 1/s
+    too); on CPU that kernel is scalar code, slower than the in-place passes below.
     """
 
     @staticmethod
     def forward(ctx, x, step, zero, qmin: int, qmax: int):
-        z = torch.round(zero)
-        r = (x / step).round_().add_(z)
-        inside = (r >= qmin).logical_and_(r <= qmax)
-        y = r.clamp_(qmin, qmax).sub_(z).mul_(step)
+        if x.is_cuda and step.numel() == 1 and x.dtype == torch.float32:
+            y, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+                x, step.reshape(1).float(), torch.round(zero).reshape(1).to(torch.int32),
+                torch.ones(1, dtype=torch.uint8, device=x.device), qmin, qmax)
+        else:
+            z = torch.round(zero)
+            r = (x * torch.reciprocal(step)).round_().add_(z)
+            inside = (r >= qmin).logical_and_(r <= qmax)
+            y = r.clamp_(qmin, qmax).sub_(z).mul_(step)
         ctx.save_for_backward(x, y, inside, step)
         return y
 
@@ -111,12 +121,29 @@ class _FakeQuantSTE(torch.autograd.Function):
         x, y, inside, step = ctx.saved_tensors
         grad_x = torch.where(inside, grad, 0.0)  # (a float * bool product is 2x slower on CPU)
         grad_step = grad_zero = None
-        dims = [d for d in range(x.dim()) if step.dim() == 0 or step.shape[d] == 1]
-        if ctx.needs_input_grad[1]:
-            grad_step = ((grad * y).sum(dims) - (grad_x * x).sum(dims)).reshape(step.shape) / step
-        if ctx.needs_input_grad[2]:
-            grad_zero = (grad_x.sum(dims) - grad.sum(dims)).reshape(step.shape) * step
+        if step.numel() == 1:
+            if ctx.needs_input_grad[1]:
+                grad_step = (_dot(grad, y) - _dot(grad_x, x)).reshape(step.shape) / step
+            if ctx.needs_input_grad[2]:
+                grad_zero = (grad_x.sum() - grad.sum()).reshape(step.shape) * step
+        else:
+            dims = [d for d in range(x.dim()) if step.shape[d] == 1]
+            if ctx.needs_input_grad[1]:
+                grad_step = ((grad * y).sum(dims) - (grad_x * x).sum(dims)).reshape(step.shape) / step
+            if ctx.needs_input_grad[2]:
+                grad_zero = (grad_x.sum(dims) - grad.sum(dims)).reshape(step.shape) * step
         return (grad_x if ctx.needs_input_grad[0] else None), grad_step, grad_zero, None, None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) in one pass without a temporary when both are dense in the same order."""
+    if a.stride() == b.stride() and a.shape == b.shape:
+        for fmt, order in ((torch.contiguous_format, None), (torch.channels_last, (0, 2, 3, 1))):
+            if a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
+                if order is not None:
+                    a, b = a.permute(order), b.permute(order)
+                return torch.dot(a.reshape(-1), b.reshape(-1))
+    return (a * b).sum()
 
 
 class Quantizer(nn.Module):
@@ -185,18 +212,22 @@ class Quantizer(nn.Module):
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of x (as a float tensor holding integers in [qmin, qmax])."""
         step, zero = self._step_zero(x.dim())
-        return torch.clamp(round_ste(x / step) + zero, self.qmin, self.qmax)
+        return torch.clamp(round_ste(x * torch.reciprocal(step)) + zero, self.qmin, self.qmax)
 
     def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
         step, zero = self._step_zero(codes.dim())
         return (codes - zero) * step
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """x rounded onto the grid and back (ignores `bypass`)."""
+    def fake_quant(self, x: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+        """x rounded onto the grid and back (ignores `bypass`); `step` replaces the stored step
+        (AdaQuant passes the one it optimizes)."""
         if self.bits is None:
             return x
         if not self.initialized:
             raise RuntimeError("quantizer used before its range was calibrated")
+        if step is not None:
+            return _FakeQuantSTE.apply(x, self._view(step, x.dim()), self._view(self.zero_point, x.dim()),
+                                       self.qmin, self.qmax)
         step, zero = self._view(self.step, x.dim()), self._view(self.zero_point, x.dim())
         if torch.is_grad_enabled() and (x.requires_grad or step.requires_grad or zero.requires_grad):
             return _FakeQuantSTE.apply(x, step, zero, self.qmin, self.qmax)
