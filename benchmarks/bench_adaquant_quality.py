@@ -2,7 +2,8 @@
 photo set, per bit width and AdaQuant mode, with the time of each run.
 
     python benchmarks/bench_adaquant_quality.py --photos data/bench-photos \
-        [--bits W4A8,W4A4] [--modes parallel,sequential] [--iters 1000] [--batch-size 50] \
+        [--bits W4A8,W4A4] [--methods rtn,parallel,sequential,parallel+bias_correction] \
+        [--iters 1000] [--batch-size 50] \
         [--samples 256] [--device cpu|cuda]
 
 First and last layers stay at 8 bits. Prints a table; writes JSON
@@ -38,12 +39,12 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", default="data/bench-photos")
     ap.add_argument("--model", default="zoo:mobilenet_v2")
     ap.add_argument("--bits", default="W8A8,W4A8,W4A4")
-    ap.add_argument("--modes", default="parallel,sequential")
+    ap.add_argument("--methods", default="rtn,parallel,sequential",
+                    help="rtn, or an AdaQuant mode with optional later steps: parallel+bias_correction")
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--iters", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--max-memory", type=float, default=4.0)
-    ap.add_argument("--extra-steps", default="", help="steps after adaquant, e.g. bias_correction")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "adaquant_quality.json"))
     args = ap.parse_args(argv)
@@ -58,16 +59,16 @@ def main(argv=None) -> int:
           f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}", flush=True)
     print(f"{'bits':<6} {'method':<24} {'conf top1':>9} {'top1':>6} {'KL':>7} {'seconds':>8} "
           f"{'RSS MB':>7} {'CUDA MB':>7} {'MSE after/before':>16}", flush=True)
-    extra = [s for s in args.extra_steps.split(",") if s]
     rows = []
     for bits in args.bits.split(","):
         w, a = parse_bits(bits)
-        runs = [("rtn", ("ranges",), "parallel")] + [
-            (f"adaquant {m}" + "".join(f"+{s}" for s in extra), ("ranges", "adaquant", *extra), m)
-            for m in args.modes.split(",") if m]
-        for label, steps, mode in runs:
+        for method in args.methods.split(","):
+            mode, *extra = method.split("+")
+            steps = ("ranges", *extra) if mode == "rtn" else ("ranges", "adaquant", *extra)
+            label = method if mode == "rtn" else f"adaquant {method}"
             config = QuantConfig(w_bits=w, a_bits=a, steps=steps, samples=args.samples, device=args.device,
-                                 adaquant=AdaQuantConfig(mode=mode, iters=args.iters,
+                                 adaquant=AdaQuantConfig(mode=mode if mode != "rtn" else "parallel",
+                                                         iters=args.iters,
                                                          batch_size=args.batch_size,
                                                          max_memory_gb=args.max_memory))
             start = time.perf_counter()

@@ -6,6 +6,7 @@ from sub8 import QuantConfig, Sub8Error, calibrate_ranges, prepare
 import importlib
 
 from sub8.calibrate import AdaQuantConfig, adaquant
+from sub8.calibrate.adam import MultiTensorAdam
 from sub8.calibrate.adaquant import (ACTIVATION_BOUNDS, ACTIVATIONS, activation_mse, capture_inputs,
                                      per_sample_bytes)
 
@@ -130,3 +131,21 @@ def test_fused_reconstruction_loss_matches_autograd(followed):
     assert torch.allclose(fused, reference, rtol=1e-12)
     assert torch.allclose(torch.autograd.grad(fused, out)[0], torch.autograd.grad(reference, out)[0],
                           rtol=1e-12, atol=1e-15)
+
+
+def test_multi_tensor_adam_is_torch_adam_with_one_rate_per_tensor():
+    torch.manual_seed(0)
+    shapes, lrs = [(5, 3), (7,), (), (2, 2, 3)], [1e-3, 1e-2, 0.3, 1e-5]
+    ours = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    theirs = [p.clone().requires_grad_() for p in ours]
+    ours = [p.requires_grad_() for p in ours]
+    opt_ours = MultiTensorAdam(ours, lrs)
+    opt_torch = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in zip(theirs, lrs)])
+    for step in range(20):
+        target = [torch.randn(s, dtype=torch.float64) for s in shapes]
+        for params, opt in ((ours, opt_ours), (theirs, opt_torch)):
+            opt.zero_grad()
+            sum(((p - t) ** 2 * (1 + step)).sum() for p, t in zip(params, target)).backward()
+            opt.step()
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)

@@ -29,6 +29,7 @@ from ..config import AdaQuantConfig
 from ..errors import Sub8Error
 from ..prepare import PreparedModel
 from ..quant.layers import QuantLayer, StopForward, quant_layers, run_observed
+from .adam import MultiTensorAdam
 
 ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
 ACTIVATION_BOUNDS = {None: (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0)}
@@ -131,7 +132,7 @@ def plan_groups(names: list[str], cost: dict[str, int], budget: int) -> list[lis
 
 
 class LayerVariables:
-    """One layer's free variables, as Adam parameter groups.
+    """One layer's free variables and their learning rates.
 
     Steps are optimized in log space (step = step0 * exp(u)): Adam's update has a fixed size
     in parameter units, and steps differ by orders of magnitude across layers and channels, so
@@ -142,19 +143,24 @@ class LayerVariables:
 
     def __init__(self, layer: QuantLayer, cfg: AdaQuantConfig):
         self.layer = layer
-        self.groups = [{"params": [layer.layer.weight], "lr": cfg.lr_weight},
-                       {"params": [layer.layer.bias], "lr": cfg.lr_bias}]
+        self.params = [layer.layer.weight, layer.layer.bias]
+        self.lrs = [cfg.lr_weight, cfg.lr_bias]
         self.log_steps = {}
+        self.zero_points = []  # (tensor, qmin, qmax)
         for key, lr in (("weight_quantizer", cfg.lr_weight_quant), ("input_quantizer", cfg.lr_input_quant)):
             q = getattr(layer, key)
             if not q.enabled:
                 continue
-            u = torch.zeros_like(q.step, requires_grad=True)
+            u = torch.zeros_like(q.step)
             self.log_steps[key] = (q, q.step.detach().clone(), u)
-            self.groups.append({"params": [u] + ([] if q.symmetric else [q.zero_point]), "lr": lr})
-        for g in self.groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
+            self.params.append(u)
+            self.lrs.append(lr)
+            if not q.symmetric:
+                self.params.append(q.zero_point)
+                self.lrs.append(lr)
+                self.zero_points.append((q.zero_point, q.qmin, q.qmax))
+        for p in self.params:
+            p.requires_grad_(True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized layer's output with the steps being optimized."""
@@ -166,19 +172,13 @@ class LayerVariables:
         return layer.apply(x, q.fake_quant(layer.layer.weight, step0 * torch.exp(u)), layer.layer.bias)
 
     @torch.no_grad()
-    def keep_grids_valid(self) -> None:
-        for q, _, _ in self.log_steps.values():
-            q.zero_point.clamp_(q.qmin, q.qmax)
-
-    @torch.no_grad()
     def finish(self) -> None:
         """Write the optimized steps back and stop tracking gradients."""
         for q, step0, u in self.log_steps.values():
             q.step.copy_(step0 * torch.exp(u))
-        for g in self.groups:
-            for p in g["params"]:
-                p.requires_grad_(False)
-                p.grad = None
+        for p in self.params:
+            p.requires_grad_(False)
+            p.grad = None
 
 
 def reconstruction_mse(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, act, batch: int) -> float:
@@ -195,7 +195,12 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
     Each layer draws its mini-batches from its own generator (seeded by its position in the
     model), so a layer sees the same batches whether it is optimized alone or in a group."""
     variables = {n: LayerVariables(layer, cfg) for n, layer in layers.items()}
-    opt = torch.optim.Adam([g for v in variables.values() for g in v.groups])
+    opt = MultiTensorAdam([p for v in variables.values() for p in v.params],
+                          [lr for v in variables.values() for lr in v.lrs])
+    # Zero points stay on their grid: one multi-tensor clamp per iteration for all layers.
+    zero_points = [z for v in variables.values() for z in v.zero_points]
+    zp_tensors = [z for z, _, _ in zero_points]
+    zp_min, zp_max = [float(lo) for _, lo, _ in zero_points], [float(hi) for _, _, hi in zero_points]
     batch = min(cfg.batch_size, len(train))
     # Every iteration's mini-batch indices up front, on the cache's device: a host-to-device
     # copy inside the loop would make the CPU wait for the GPU at every layer.
@@ -208,11 +213,13 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
         for n, v in variables.items():
             idx = batches[n][it]
             loss = loss + activation_mse(v(xs[n][idx].float()), ys[n][idx].float(), bounds[n])
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
-        for v in variables.values():
-            v.keep_grids_valid()
+        if zp_tensors:
+            with torch.no_grad():
+                torch._foreach_clamp_min_(zp_tensors, zp_min)
+                torch._foreach_clamp_max_(zp_tensors, zp_max)
         if progress is not None:
             progress.update(len(layers))
     for v in variables.values():
