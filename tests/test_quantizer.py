@@ -134,5 +134,5 @@ def test_fused_per_tensor_kernel_agrees_with_codes_bit_for_bit():
         # The fused kernel that CUDA training runs (here on CPU) gives the same values too.
         fused, _ = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
             xs, q.step.detach().reshape(1), q.zero_point.detach().round().reshape(1).int(),
-            torch.ones(1, dtype=torch.uint8), q.qmin, q.qmax)
+            torch.ones(1, dtype=torch.long), q.qmin, q.qmax)
         assert torch.equal(fused, plain)

@@ -10,7 +10,7 @@ import warnings
 import click
 import torch
 
-from .config import ADAQUANT_MODES, AdaQuantConfig, QuantConfig, parse_layer_bits
+from .config import ADAQUANT_MODES, LR_SCHEDULES, AdaQuantConfig, QuantConfig, parse_layer_bits
 from .errors import Sub8Error
 from .quant.ranges import METHODS
 from .table import fmt_bits, metrics_line, table_header
@@ -70,6 +70,8 @@ def main():
               help="relative rate of the weight steps (log space)")
 @click.option("--lr-input-quant", default=AdaQuantConfig.lr_input_quant, show_default=True,
               help="relative rate of the input steps (log space)")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=AdaQuantConfig.lr_schedule,
+              show_default=True, help="AdaQuant learning rates: cosine decay to 0, or constant")
 @click.option("--holdout", default=AdaQuantConfig.holdout, show_default=True,
               help="share of calibration samples kept out of AdaQuant to measure it")
 @click.option("--max-memory", default=AdaQuantConfig.max_memory_gb, show_default=True,
@@ -80,8 +82,8 @@ def main():
 @clean_errors
 def quantize(model_spec, weights, calib, eval_dir, labels, w_bits, a_bits, first_last_bits, layer_bits,
              pipeline, steps, ranges, percentile, w_symmetric, a_symmetric, samples, forward_batch, seed, device,
-             adaquant_mode, iters, batch_size, lr_weight, lr_bias, lr_weight_quant, lr_input_quant, holdout,
-             max_memory, cache_fp16, out_dir, force):
+             adaquant_mode, iters, batch_size, lr_weight, lr_bias, lr_weight_quant, lr_input_quant, lr_schedule,
+             holdout, max_memory, cache_fp16, out_dir, force):
     """Quantize a model and write OUT/report.json and OUT/model.pt."""
     from .data import load_images
     from .pipeline import quantize as run_quantize
@@ -99,7 +101,7 @@ def quantize(model_spec, weights, calib, eval_dir, labels, w_bits, a_bits, first
                          adaquant=AdaQuantConfig(mode=adaquant_mode, iters=iters, batch_size=batch_size,
                                                  lr_weight=lr_weight, lr_bias=lr_bias,
                                                  lr_weight_quant=lr_weight_quant, lr_input_quant=lr_input_quant,
-                                                 holdout=holdout, max_memory_gb=max_memory,
+                                                 lr_schedule=lr_schedule, holdout=holdout, max_memory_gb=max_memory,
                                                  cache_fp16=cache_fp16))
     loaded = load_model(model_spec, weights)
     calib_set = load_images(calib, loaded.transform, limit=samples, seed=seed, role="calibration")

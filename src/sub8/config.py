@@ -10,6 +10,7 @@ from .quant.quantizer import parse_bits
 from .quant.ranges import METHODS
 
 ADAQUANT_MODES = ("parallel", "sequential")
+LR_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -23,6 +24,9 @@ class AdaQuantConfig:
     # calibrate/adaquant.py); the paper's absolute 1e-1 for the input step becomes 1e-2 here.
     lr_weight_quant: float = 1e-3
     lr_input_quant: float = 1e-2
+    # Every rate decays to 0 along a half cosine over the iterations (the reference code keeps
+    # them constant: Adam then hovers around the optimum instead of settling in it).
+    lr_schedule: str = "cosine"
     holdout: float = 0.1          # share of calibration samples kept out of the optimization
     max_memory_gb: float = 4.0    # bound on the cached inputs and targets
     cache_fp16: bool = False
@@ -30,6 +34,8 @@ class AdaQuantConfig:
     def __post_init__(self):
         if self.mode not in ADAQUANT_MODES:
             raise Sub8Error(f"--adaquant must be one of {', '.join(ADAQUANT_MODES)}, got {self.mode!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise Sub8Error(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.iters < 0 or self.batch_size < 1:
             raise Sub8Error("AdaQuant needs iters >= 0 and a batch size >= 1")
         if not 0.0 < self.holdout < 1.0:

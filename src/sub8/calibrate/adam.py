@@ -31,7 +31,8 @@ class MultiTensorAdam:
             p.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, lr_scale: float = 1.0) -> None:
+        """One Adam update; `lr_scale` multiplies every learning rate (a schedule)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.t += 1
         torch._foreach_lerp_(self.exp_avg, grads, 1 - self.beta1)
@@ -42,4 +43,4 @@ class MultiTensorAdam:
         denom = torch._foreach_sqrt(self.exp_avg_sq)
         torch._foreach_div_(denom, correction2_sqrt)
         torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(self.params, self.exp_avg, denom, [-lr / correction1 for lr in self.lrs])
+        torch._foreach_addcdiv_(self.params, self.exp_avg, denom, [-lr * lr_scale / correction1 for lr in self.lrs])

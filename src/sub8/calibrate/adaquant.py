@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import sys
 import time
 from dataclasses import asdict
@@ -32,6 +33,8 @@ from ..quant.layers import QuantLayer, StopForward, quant_layers, run_observed
 from .adam import MultiTensorAdam
 
 ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
+LR_SCALE = {"constant": lambda it, iters: 1.0,
+            "cosine": lambda it, iters: 0.5 * (1 + math.cos(math.pi * it / iters))}
 ACTIVATION_BOUNDS = {None: (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0)}
 
 
@@ -208,6 +211,7 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
                                       generator=torch.Generator().manual_seed(seeds[n]))].to(xs[n].device)
                for n in layers}
     bounds = {n: ACTIVATION_BOUNDS[followed[n]] for n in layers}
+    lr_scale = LR_SCALE[cfg.lr_schedule]
     for it in range(cfg.iters):
         loss = 0.0
         for n, v in variables.items():
@@ -215,7 +219,7 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
             loss = loss + activation_mse(v(xs[n][idx].float()), ys[n][idx].float(), bounds[n])
         opt.zero_grad()
         loss.backward()
-        opt.step()
+        opt.step(lr_scale(it, cfg.iters))
         if zp_tensors:
             with torch.no_grad():
                 torch._foreach_clamp_min_(zp_tensors, zp_min)

@@ -107,7 +107,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         if x.is_cuda and step.numel() == 1 and x.dtype == torch.float32:
             y, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
                 x, step.reshape(1).float(), torch.round(zero).reshape(1).to(torch.int32),
-                torch.ones(1, dtype=torch.uint8, device=x.device), qmin, qmax)
+                torch.ones(1, dtype=torch.long, device=x.device), qmin, qmax)
         else:
             z = torch.round(zero)
             r = (x * torch.reciprocal(step)).round_().add_(z)
