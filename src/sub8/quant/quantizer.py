@@ -99,15 +99,24 @@ class _FakeQuantSTE(torch.autograd.Function):
       d/dz = 0 inside, -s where clamped.
     `step` and `zero` come already shaped to broadcast against x. A per-tensor grid on CUDA
     runs torch's fused fake-quant kernel (one pass for output and mask; it multiplies by 1/s
-    too); on CPU that kernel is scalar code, slower than the in-place passes below.
+    too); on CPU that kernel is scalar code, so there a per-tensor grid takes four in-place
+    passes, clamping round(x/s) to [qmin - z, qmax - z] (the same values: integers add exactly),
+    and its mask is a range of x, applied by hardtanh's fused backward (no mask tensor).
     """
 
     @staticmethod
     def forward(ctx, x, step, zero, qmin: int, qmax: int):
+        ctx.x_range = None
         if x.is_cuda and step.numel() == 1 and x.dtype == torch.float32:
             y, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
                 x, step.reshape(1).float(), torch.round(zero).reshape(1).to(torch.int32),
                 torch.ones(1, dtype=torch.long, device=x.device), qmin, qmax)
+        elif step.numel() == 1:
+            s, z = step.item(), round(zero.item())
+            y = (x * torch.reciprocal(step)).round_().clamp_(qmin - z, qmax - z).mul_(step)
+            inside = None
+            # round(x/s) is on the grid exactly for x/s within [qmin - z - 0.5, qmax - z + 0.5].
+            ctx.x_range = ((qmin - z - 0.5) * s, (qmax - z + 0.5) * s)
         else:
             z = torch.round(zero)
             r = (x * torch.reciprocal(step)).round_().add_(z)
@@ -119,7 +128,10 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, y, inside, step = ctx.saved_tensors
-        grad_x = torch.where(inside, grad, 0.0)  # (a float * bool product is 2x slower on CPU)
+        if ctx.x_range is not None:
+            grad_x = torch.ops.aten.hardtanh_backward(grad, x, *ctx.x_range)
+        else:
+            grad_x = torch.where(inside, grad, 0.0)  # (a float * bool product is 2x slower on CPU)
         grad_step = grad_zero = None
         if step.numel() == 1:
             if ctx.needs_input_grad[1]:
