@@ -193,7 +193,7 @@ def reconstruction_mse(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, act,
 
 def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, train: torch.Tensor,
              cfg: AdaQuantConfig, seeds: dict[str, int], progress=None) -> None:
-    """Adam over the layers' variables on the summed reconstruction losses.
+    """Adam over the layers' variables on their reconstruction losses, one step for all.
 
     Each layer draws its mini-batches from its own generator (seeded by its position in the
     model), so a layer sees the same batches whether it is optimized alone or in a group."""
@@ -213,12 +213,13 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
     bounds = {n: ACTIVATION_BOUNDS[followed[n]] for n in layers}
     lr_scale = LR_SCALE[cfg.lr_schedule]
     for it in range(cfg.iters):
-        loss = 0.0
+        opt.zero_grad()
+        # Each layer's backward right after its forward: the layers are independent, so the
+        # gradients are those of the summed loss, and only one layer's activations are alive
+        # at a time (a whole group's at once ran 1.4x slower on CPU, out of cache).
         for n, v in variables.items():
             idx = batches[n][it]
-            loss = loss + activation_mse(v(xs[n][idx].float()), ys[n][idx].float(), bounds[n])
-        opt.zero_grad()
-        loss.backward()
+            activation_mse(v(xs[n][idx].float()), ys[n][idx].float(), bounds[n]).backward()
         opt.step(lr_scale(it, cfg.iters))
         if zp_tensors:
             with torch.no_grad():
@@ -306,7 +307,7 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress) -> dict:
     if cfg.mode == "sequential":  # each layer waits for the ones before it
         groups = [[k] for k in names]
 
-    records, peak_cache = {}, 0
+    records, peak_cache, optimize_seconds = {}, 0, 0.0
     bar = tqdm(total=len(names) * cfg.iters, desc=f"adaquant ({cfg.mode})", unit="it",
                disable=not show_progress, leave=False)
     for group in groups:
@@ -321,7 +322,11 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress) -> dict:
         peak_cache = max(peak_cache, sum(t.numel() * t.element_size() for d in (xs, ys) for t in d.values()))
         h = held.to(calib.device)
         before = {k: reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch) for k in group}
+        started = time.perf_counter()
         optimize({k: layers[k] for k in group}, xs, ys, followed, train, cfg, seeds, bar)
+        if calib.is_cuda:
+            torch.cuda.synchronize()
+        optimize_seconds += time.perf_counter() - started
         seconds = (time.perf_counter() - start) / len(group)
         for k in group:
             after = reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch)
@@ -331,4 +336,8 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress) -> dict:
     bar.close()
     return {"settings": asdict(cfg), "n_train": len(train), "n_heldout": len(held),
             "groups": len(groups), "peak_cache_mb": peak_cache / 2 ** 20,
+            # The optimization loops alone (the rest is caching and measuring); per iteration,
+            # summed over all layers: the cost that grouping and the fused kernels cut.
+            "optimize_seconds": optimize_seconds,
+            "seconds_per_iter": optimize_seconds / cfg.iters if cfg.iters else 0.0,
             "layers": [records[k] for k in names]}
