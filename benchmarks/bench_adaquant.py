@@ -17,7 +17,6 @@ import contextlib
 import importlib
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 

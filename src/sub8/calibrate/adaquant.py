@@ -16,10 +16,7 @@ the optimization and measures each layer's reconstruction error before and after
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
-import sys
 import time
 from dataclasses import asdict
 
@@ -29,6 +26,7 @@ import torch.nn.functional as F
 from ..config import AdaQuantConfig
 from ..errors import Sub8Error
 from ..prepare import PreparedModel
+from ..heap import reuse_freed_memory
 from ..quant.layers import QuantLayer, StopForward, quant_layers, run_observed
 from .adam import MultiTensorAdam
 
@@ -40,9 +38,9 @@ ACTIVATION_BOUNDS = {None: (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0
 
 class _ActivationMSE(torch.autograd.Function):
     """mean((clamp(out, lo, hi) - target) ** 2): the reconstruction loss through the ReLU/ReLU6
-    that follows the layer (no bounds: identity), in a third of the memory passes autograd
-    takes for relu + mse_loss. Gradient 0 where the activation clamps, from the same fused
-    kernels relu and hardtanh use in their backward."""
+    that follows the layer (no bounds: identity), in fewer memory passes than autograd's
+    relu + mse_loss. Gradient 0 where the activation clamps, from the same fused kernels relu
+    and hardtanh use in their backward."""
 
     @staticmethod
     def forward(ctx, out, target, lo, hi):
@@ -242,41 +240,6 @@ def adaquant(prepared: PreparedModel, calib: torch.Tensor, cfg: AdaQuantConfig |
             return _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress)
     finally:
         torch.set_flush_denormal(False)
-
-
-@contextlib.contextmanager
-def reuse_freed_memory():
-    """Keep freed memory in the process while the hot loop runs (glibc only).
-
-    Each iteration allocates and frees mini-batch-sized tensors (tens of MB). glibc serves
-    those with fresh mmaps and returns them on free, so every iteration page-faults all of its
-    memory in again: on 2 CPU cores that took over half of the iteration time. Raising the
-    mmap and trim thresholds lets the heap reuse the blocks; the defaults come back afterwards
-    and the heap is trimmed.
-    """
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    m_trim_threshold, m_mmap_threshold, default = -1, -3, 128 * 1024
-    libc.mallopt(m_mmap_threshold, 2 ** 31 - 1)
-    libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
-    try:
-        yield
-    finally:
-        libc.mallopt(m_mmap_threshold, default)
-        libc.mallopt(m_trim_threshold, default)
-        libc.malloc_trim(0)
-
-
-def _glibc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress) -> dict:
