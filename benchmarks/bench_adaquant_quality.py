@@ -19,7 +19,6 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.calibrate import AdaQuantConfig  # noqa: E402
 from sub8.data import load_images  # noqa: E402
