@@ -13,6 +13,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+    """Every test caches into its own folder, never the user's ~/.cache."""
+    monkeypatch.setenv("SUB8_CACHE_DIR", str(tmp_path / "sub8-cache"))
+
+
 def write_images(folder, n, size=(40, 32), seed=0):
     """n small RGB PNGs with smooth structure (gradients plus noise)."""
     os.makedirs(folder, exist_ok=True)

@@ -191,3 +191,50 @@ def test_labels_from_folders(tmp_path, image_dirs):
     report = json.load(open(tmp_path / "o" / "report.json"))
     assert "accuracy" in report["metrics"]["float"] and "accuracy" in report["metrics"]["quantized"]
     assert report["metrics"]["float"]["n_images"] == 6
+
+
+def test_light_pipeline_allocates_and_the_mixed_model_reloads(image_dirs, tmp_path):
+    import sub8
+    from sub8.data import load_images
+    from tinymodels import tiny
+    calib, evals = image_dirs
+    out = str(tmp_path / "run")
+    result = quantize(calib, out, "--pipeline", "light", "--size-ratio", "0.22", "--eval", evals,
+                      "--precisions", "W4A8,W2A4", "--tie", "block.*")
+    assert result.exit_code == 0, result.output
+    assert "bits allocated (milp, kl)" in result.output and "within budget 0.22" in result.output, result.output
+    report = json.load(open(os.path.join(out, "report.json")))
+    a = report["allocate"]
+    assert a["precisions"] == ["W8A8", "W4A8", "W2A4"]
+    assert a["choice"]["block.conv1"] == a["choice"]["block.conv2"]  # tied
+    assert report["size"]["ratio"] <= 0.22
+    assert [s["name"] for s in report["steps"]] == ["prepare", "allocate", "evaluate"]
+    x = load_images(evals, tiny()[1]).images
+    qm = sub8.load(out)
+    assert {i.name: f"W{i.w_bits}A{i.a_bits}" for i in qm.prepared.layers if i.name in a["choice"]} == a["choice"]
+    model = tiny()[0]
+    again = sub8.quantize(model, load_images(calib, tiny()[1], limit=8, seed=0).images,
+                          sub8.QuantConfig(pipeline="light", allocation={"size_ratio": 0.22,
+                                                                         "precisions": ((4, 8), (2, 4)),
+                                                                         "ties": ("block.*",)}))
+    with torch.no_grad():
+        assert torch.equal(qm(x), again(x))
+    infeasible = quantize(calib, str(tmp_path / "o2"), "--pipeline", "light", "--size-ratio", "0.01")
+    assert_clean_error(infeasible, "size_ratio 0.01 (the least reachable is 0.1")
+    assert_clean_error(quantize(calib, str(tmp_path / "o3"), "--pipeline", "light"), "needs a budget")
+
+
+def test_pareto_writes_table_json_and_plot(image_dirs, tmp_path):
+    calib, evals = image_dirs
+    out = tmp_path / "front"
+    result = run("pareto", "--model", TINY, "--calib", calib, "--eval", evals, "--samples", "8",
+                 "--size-ratios", "0.01,0.2,0.3", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    front = json.load(open(out / "pareto.json"))
+    assert "least reachable" in front["points"][0]["error"]
+    sizes = [p["size_ratio"] for p in front["points"][1:]]
+    assert sizes[0] <= 0.2 and sizes[1] <= 0.3
+    assert [u["precision"] for u in front["uniform"]] == ["W8A8", "W4A8", "W4A4", "W2A4"]
+    w8, w4a8, w4a4, w2 = (u["size_ratio"] for u in front["uniform"])
+    assert w8 > w4a8 == w4a4 > w2  # activation bits cost no weight memory
+    assert (out / "pareto.svg").read_text().startswith("<svg") and "uniform W4A8" in (out / "pareto.md").read_text()

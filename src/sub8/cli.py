@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import sys
@@ -10,7 +11,8 @@ import warnings
 import click
 import torch
 
-from .config import ADAQUANT_MODES, LR_SCHEDULES, AdaQuantConfig, QuantConfig, parse_layer_bits
+from .config import (ADAQUANT_MODES, LR_SCHEDULES, SENSITIVITY_LOSSES, SOLVERS, AdaQuantConfig, AllocationConfig,
+                     QuantConfig, parse_layer_bits)
 from .errors import Sub8Error
 from .quant.ranges import METHODS
 from .table import fmt_bits, metrics_line, table_header
@@ -39,51 +41,103 @@ def main():
     warnings.showwarning = _show_warning
 
 
+def quant_options(fn):
+    """The options shared by `quantize` and `pareto`: one QuantConfig from the command line."""
+    options = [
+        click.option("--model", "model_spec", required=True, help="zoo:NAME, torchvision:NAME or python:pkg.mod:fn"),
+        click.option("--weights", default=None, help="state dict file for torchvision:/python: models"),
+        click.option("--calib", required=True, help="folder of calibration images (searched recursively)"),
+        click.option("--w-bits", default="4", show_default=True, help="weight bits 2..8 or float"),
+        click.option("--a-bits", default="4", show_default=True, help="activation bits 2..8 or float"),
+        click.option("--first-last-bits", default="8", show_default=True, help="bits of the first and last layer"),
+        click.option("--layer-bits", multiple=True, help="PATTERN=W[,A] per-layer bits by name pattern (repeatable)"),
+        click.option("--pipeline", default="rtn", show_default=True,
+                     help="rtn, adaquant (ranges then AdaQuant), light or advanced (bit allocation)"),
+        click.option("--steps", default=None, help="explicit step list, e.g. ranges,bias_correction"),
+        click.option("--ranges", type=click.Choice(METHODS), default="mse", show_default=True),
+        click.option("--percentile", default=99.99, show_default=True, help="for --ranges percentile"),
+        click.option("--w-symmetric", is_flag=True, help="symmetric weight grids (default asymmetric)"),
+        click.option("--a-symmetric", is_flag=True, help="symmetric activation grids (default asymmetric)"),
+        click.option("--samples", default=256, show_default=True, help="calibration images to use"),
+        click.option("--forward-batch", default=32, show_default=True, help="images per forward pass"),
+        click.option("--seed", default=0, show_default=True),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--adaquant", "adaquant_mode", type=click.Choice(ADAQUANT_MODES), default="parallel",
+                     show_default=True, help="AdaQuant inputs: float (parallel) or quantized model's (sequential)"),
+        click.option("--iters", default=AdaQuantConfig.iters, show_default=True, help="AdaQuant iterations per layer"),
+        click.option("--batch-size", default=AdaQuantConfig.batch_size, show_default=True, help="AdaQuant mini-batch"),
+        click.option("--lr-weight", default=AdaQuantConfig.lr_weight, show_default=True),
+        click.option("--lr-bias", default=AdaQuantConfig.lr_bias, show_default=True),
+        click.option("--lr-weight-quant", default=AdaQuantConfig.lr_weight_quant, show_default=True,
+                     help="relative rate of the weight steps (log space)"),
+        click.option("--lr-input-quant", default=AdaQuantConfig.lr_input_quant, show_default=True,
+                     help="relative rate of the input steps (log space)"),
+        click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=AdaQuantConfig.lr_schedule,
+                     show_default=True, help="AdaQuant learning rates: cosine decay to 0, or constant"),
+        click.option("--holdout", default=AdaQuantConfig.holdout, show_default=True,
+                     help="share of calibration samples kept out of AdaQuant to measure it"),
+        click.option("--max-memory", default=AdaQuantConfig.max_memory_gb, show_default=True,
+                     help="GB bound on AdaQuant's cached activations"),
+        click.option("--cache-fp16", is_flag=True, help="cache AdaQuant activations in float16"),
+        click.option("--size-ratio", type=float, default=None,
+                     help="bit allocation budget: weight memory / the float32 model's"),
+        click.option("--bops-ratio", type=float, default=None,
+                     help="bit allocation budget: BOPs / the float model's at 32x32 bits (W8A8 = 0.0625)"),
+        click.option("--latency-ms", type=float, default=None, help="bit allocation budget: summed layer latency"),
+        click.option("--latency-table", default=None, help="JSON: layer -> precision (W4A8, float) -> ms"),
+        click.option("--max-degradation", type=float, default=None,
+                     help="least weight memory whose predicted loss increase is at most this"),
+        click.option("--precisions", default=",".join(f"W{w}A{a}" for w, a in AllocationConfig.precisions),
+                     show_default=True, help="candidate precisions for bit allocation"),
+        click.option("--base-bits", default="W8A8", show_default=True,
+                     help="precision of the other layers while one layer's sensitivity is measured"),
+        click.option("--sensitivity-loss", type=click.Choice(SENSITIVITY_LOSSES), default="kl", show_default=True,
+                     help="kl for classifier outputs, mse for feature outputs"),
+        click.option("--tie", multiple=True, help="PAT1,PAT2,...: matching layers get one precision (repeatable)"),
+        click.option("--solver", type=click.Choice(SOLVERS), default="milp", show_default=True,
+                     help="milp (exact) or greedy (baseline)"),
+        click.option("--cache-dir", default=None, help="where allocation candidates and sensitivities are "
+                     "cached [default: $SUB8_CACHE_DIR or ~/.cache/sub8]"),
+        click.option("--no-cache", is_flag=True, help="neither read nor write the cache"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def build_config(o: dict) -> QuantConfig:
+    from .allocate import parse_precision
+
+    if o["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise Sub8Error(f"--device {o['device']}: no CUDA device is available")
+    adaquant = AdaQuantConfig(mode=o["adaquant_mode"], iters=o["iters"], batch_size=o["batch_size"],
+                              lr_weight=o["lr_weight"], lr_bias=o["lr_bias"], lr_weight_quant=o["lr_weight_quant"],
+                              lr_input_quant=o["lr_input_quant"], lr_schedule=o["lr_schedule"],
+                              holdout=o["holdout"], max_memory_gb=o["max_memory"], cache_fp16=o["cache_fp16"])
+    allocation = AllocationConfig(
+        precisions=tuple(parse_precision(p) for p in o["precisions"].split(",") if p.strip()),
+        base=parse_precision(o["base_bits"]), size_ratio=o["size_ratio"], bops_ratio=o["bops_ratio"],
+        latency_ms=o["latency_ms"], latency_table=o["latency_table"], max_degradation=o["max_degradation"],
+        loss=o["sensitivity_loss"], ties=tuple(o["tie"]), solver=o["solver"])
+    extra = {} if o["cache_dir"] is None else {"cache_dir": o["cache_dir"]}
+    if o["no_cache"]:
+        extra["cache_dir"] = None
+    return QuantConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], first_last_bits=o["first_last_bits"],
+                       layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
+                       w_symmetric=o["w_symmetric"], a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
+                       steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
+                       device=o["device"], adaquant=adaquant, allocation=allocation, **extra)
+
+
 @main.command()
-@click.option("--model", "model_spec", required=True, help="zoo:NAME, torchvision:NAME or python:pkg.mod:fn")
-@click.option("--weights", default=None, help="state dict file for torchvision:/python: models")
-@click.option("--calib", required=True, help="folder of calibration images (searched recursively)")
+@quant_options
 @click.option("--eval", "eval_dir", default=None, help="folder of evaluation images")
 @click.option("--labels", type=click.Choice(["none", "folders"]), default="none",
               help="'folders': the eval folder's class sub-folders give labels")
-@click.option("--w-bits", default="4", show_default=True, help="weight bits 2..8 or float")
-@click.option("--a-bits", default="4", show_default=True, help="activation bits 2..8 or float")
-@click.option("--first-last-bits", default="8", show_default=True, help="bits of the first and last layer")
-@click.option("--layer-bits", multiple=True, help="PATTERN=W[,A] per-layer bits by name pattern (repeatable)")
-@click.option("--pipeline", default="rtn", show_default=True, help="rtn or adaquant (ranges, then AdaQuant)")
-@click.option("--steps", default=None, help="explicit step list, e.g. ranges,bias_correction")
-@click.option("--ranges", type=click.Choice(METHODS), default="mse", show_default=True)
-@click.option("--percentile", default=99.99, show_default=True, help="for --ranges percentile")
-@click.option("--w-symmetric", is_flag=True, help="symmetric weight grids (default asymmetric)")
-@click.option("--a-symmetric", is_flag=True, help="symmetric activation grids (default asymmetric)")
-@click.option("--samples", default=256, show_default=True, help="calibration images to use")
-@click.option("--forward-batch", default=32, show_default=True, help="images per forward pass")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--adaquant", "adaquant_mode", type=click.Choice(ADAQUANT_MODES), default="parallel",
-              show_default=True, help="AdaQuant inputs: float (parallel) or quantized model's (sequential)")
-@click.option("--iters", default=AdaQuantConfig.iters, show_default=True, help="AdaQuant iterations per layer")
-@click.option("--batch-size", default=AdaQuantConfig.batch_size, show_default=True, help="AdaQuant mini-batch")
-@click.option("--lr-weight", default=AdaQuantConfig.lr_weight, show_default=True)
-@click.option("--lr-bias", default=AdaQuantConfig.lr_bias, show_default=True)
-@click.option("--lr-weight-quant", default=AdaQuantConfig.lr_weight_quant, show_default=True,
-              help="relative rate of the weight steps (log space)")
-@click.option("--lr-input-quant", default=AdaQuantConfig.lr_input_quant, show_default=True,
-              help="relative rate of the input steps (log space)")
-@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=AdaQuantConfig.lr_schedule,
-              show_default=True, help="AdaQuant learning rates: cosine decay to 0, or constant")
-@click.option("--holdout", default=AdaQuantConfig.holdout, show_default=True,
-              help="share of calibration samples kept out of AdaQuant to measure it")
-@click.option("--max-memory", default=AdaQuantConfig.max_memory_gb, show_default=True,
-              help="GB bound on AdaQuant's cached activations")
-@click.option("--cache-fp16", is_flag=True, help="cache AdaQuant activations in float16")
 @click.option("--out", "out_dir", required=True, help="output folder")
 @click.option("--force", is_flag=True, help="replace an output folder that is not a sub8 run")
 @clean_errors
-def quantize(model_spec, weights, calib, eval_dir, labels, w_bits, a_bits, first_last_bits, layer_bits,
-             pipeline, steps, ranges, percentile, w_symmetric, a_symmetric, samples, forward_batch, seed, device,
-             adaquant_mode, iters, batch_size, lr_weight, lr_bias, lr_weight_quant, lr_input_quant, lr_schedule,
-             holdout, max_memory, cache_fp16, out_dir, force):
+def quantize(eval_dir, labels, out_dir, force, **opts):
     """Quantize a model and write OUT/report.json and OUT/model.pt."""
     from .data import load_images
     from .pipeline import quantize as run_quantize
@@ -92,35 +146,81 @@ def quantize(model_spec, weights, calib, eval_dir, labels, w_bits, a_bits, first
     from .zoo import load_model
 
     check_output_dir(out_dir, force)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise Sub8Error(f"--device {device}: no CUDA device is available")
-    config = QuantConfig(w_bits=w_bits, a_bits=a_bits, first_last_bits=first_last_bits,
-                         layer_bits=parse_layer_bits(layer_bits), ranges=ranges, percentile=percentile,
-                         w_symmetric=w_symmetric, a_symmetric=a_symmetric, pipeline=pipeline, steps=steps,
-                         samples=samples, forward_batch=forward_batch, seed=seed, device=device,
-                         adaquant=AdaQuantConfig(mode=adaquant_mode, iters=iters, batch_size=batch_size,
-                                                 lr_weight=lr_weight, lr_bias=lr_bias,
-                                                 lr_weight_quant=lr_weight_quant, lr_input_quant=lr_input_quant,
-                                                 lr_schedule=lr_schedule, holdout=holdout, max_memory_gb=max_memory,
-                                                 cache_fp16=cache_fp16))
-    loaded = load_model(model_spec, weights)
-    calib_set = load_images(calib, loaded.transform, limit=samples, seed=seed, role="calibration")
+    config = build_config(opts)
+    loaded = load_model(opts["model_spec"], opts["weights"])
+    calib_set = load_images(opts["calib"], loaded.transform, limit=config.samples, seed=config.seed,
+                            role="calibration")
     eval_set = None
     if eval_dir is not None:
-        eval_set = load_images(eval_dir, loaded.transform, seed=seed, labels=labels, role="evaluation")
+        eval_set = load_images(eval_dir, loaded.transform, seed=config.seed, labels=labels, role="evaluation")
     qmodel = run_quantize(loaded.module, calib_set.images, config,
                           eval_images=None if eval_set is None else eval_set.images,
                           eval_labels=None if eval_set is None else eval_set.labels)
     report = qmodel.report
-    report["model"] = {"spec": model_spec, "weights": weights}
-    report["calibration"].update({"folder": os.path.abspath(calib), "skipped": len(calib_set.skipped)})
+    report["model"] = {"spec": opts["model_spec"], "weights": opts["weights"]}
+    report["calibration"].update({"folder": os.path.abspath(opts["calib"]), "skipped": len(calib_set.skipped)})
     if eval_set is not None:
         report["evaluation"] = {"folder": os.path.abspath(eval_dir), "n_images": len(eval_set.paths),
                                 "skipped": len(eval_set.skipped), "labels": labels}
     with atomic_dir(out_dir) as tmp:
-        save(qmodel, tmp, model_spec, tuple(calib_set.images[:1].shape))
+        save(qmodel, tmp, opts["model_spec"], tuple(calib_set.images[:1].shape))
         write_json(os.path.join(tmp, REPORT), report)
     print_summary(report, out_dir)
+
+
+@main.command()
+@quant_options
+@click.option("--eval", "eval_dir", required=True, help="folder of evaluation images")
+@click.option("--size-ratios", required=True, help="weight-memory budgets, e.g. 0.10,0.125,0.15,0.2,0.25")
+@click.option("--out", "out_dir", required=True, help="output folder: pareto.json, pareto.md, pareto.svg")
+@click.option("--force", is_flag=True, help="replace an output folder that is not a sub8 run")
+@clean_errors
+def pareto(eval_dir, size_ratios, out_dir, force, **opts):
+    """Allocate, build and evaluate one model per size budget, beside the uniform precisions."""
+    from .data import load_images
+    from .pareto import METRIC, format_row, header, pareto as run_pareto
+    from .plot import scatter_svg
+    from .report import REPORT, TOOL, atomic_dir, check_output_dir, versions, write_bytes_atomic, write_json
+    from .zoo import load_model
+
+    check_output_dir(out_dir, force)
+    try:
+        ratios = [float(r) for r in size_ratios.split(",") if r.strip()]
+    except ValueError:
+        raise Sub8Error(f"--size-ratios expects numbers like 0.1,0.15, got {size_ratios!r}") from None
+    if opts["pipeline"] == "rtn" and not opts["steps"]:
+        opts["pipeline"] = "light"
+    opts["size_ratio"] = opts["size_ratio"] or ratios[0]  # each point sets its own
+    config = build_config(opts)
+    loaded = load_model(opts["model_spec"], opts["weights"])
+    calib = load_images(opts["calib"], loaded.transform, limit=config.samples, seed=config.seed,
+                        role="calibration").images
+    evals = load_images(eval_dir, loaded.transform, seed=config.seed, role="evaluation").images
+    click.echo(header())
+    result = run_pareto(loaded.module, calib, evals, config, ratios, echo=click.echo)
+    result.update({"tool": TOOL, "model": opts["model_spec"], "config": config.to_dict(), "versions": versions()})
+    good = [r for r in result["points"] if "error" not in r]
+    svg = scatter_svg([{"name": "allocated", "color": "#1f77b4", "line": True,
+                        "points": [(r["size_ratio"], r["metrics"][METRIC] or 0.0, None) for r in good]},
+                       {"name": "uniform", "color": "#d62728",
+                        "points": [(r["size_ratio"], r["metrics"][METRIC] or 0.0, r["precision"])
+                                   for r in result["uniform"]]}],
+                      "weight memory / float32", "confident top-1 agreement", f"{opts['model_spec']}: Pareto front")
+    lines = ["| model | size ratio | BOPs ratio | conf top-1 | top-1 | KL |", "|---|---|---|---|---|---|"]
+    for label, r in [(f"size <= {r['budget']:g}", r) for r in result["points"]] + \
+                    [(f"uniform {r['precision']}", r) for r in result["uniform"]]:
+        if "error" in r:
+            lines.append(f"| {label} | {r['error']} | | | | |")
+        else:
+            m = r["metrics"]
+            lines.append(f"| {label} | {r['size_ratio']:.4f} | {r['bops_ratio']:.4f} | {m[METRIC] or 0:.3f} | "
+                         f"{m['top1_agreement']:.3f} | {m['kl']:.3f} |")
+    with atomic_dir(out_dir) as tmp:
+        write_json(os.path.join(tmp, "pareto.json"), result)
+        write_bytes_atomic(os.path.join(tmp, "pareto.md"), ("\n".join(lines) + "\n").encode())
+        write_bytes_atomic(os.path.join(tmp, "pareto.svg"), svg.encode())
+        write_json(os.path.join(tmp, REPORT), {"tool": TOOL, "command": "pareto", "model": opts["model_spec"]})
+    click.echo(f"  wrote {os.path.join(out_dir, 'pareto.json')}, pareto.md and pareto.svg")
 
 
 def print_summary(report: dict, out_dir: str) -> None:
@@ -132,6 +232,17 @@ def print_summary(report: dict, out_dir: str) -> None:
     click.echo(f"  {len(layers)} layers quantized on {report['calibration']['n_images']} calibration images;"
                f" weight size {report['size']['weight_bits'] / 8e6:.2f} MB"
                f" ({100 * report['size']['ratio']:.1f}% of float32)")
+    if "allocate" in report:
+        a = report["allocate"]
+        chosen = collections.Counter(a["choice"].values())
+        click.echo(f"  bits allocated ({a['solver']}, {a['loss']}): "
+                   + ", ".join(f"{n} x {p}" for p, n in sorted(chosen.items()))
+                   + f"; predicted degradation {a['predicted_degradation']:.4g},"
+                     f" measured {a['measured_degradation']:.4g}")
+        for cost in a["costs"].values():
+            if cost["budget"] is not None:
+                value = cost["result"] if cost["ratio"] is None or cost["budget_unit"] == "latency_ms" else cost["ratio"]
+                click.echo(f"  {cost['budget_unit']} {value:.6g} within budget {cost['budget']:.6g}")
     for step in report["steps"]:
         click.echo(f"  step {step['name']:<10} {step['seconds']:7.1f} s  peak RSS {step['peak_rss_mb']:7.0f} MB")
     if "metrics" in report:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from .cache import default_cache_dir
 from .errors import Sub8Error
 from .quant.quantizer import parse_bits
 from .quant.ranges import METHODS
 
 ADAQUANT_MODES = ("parallel", "sequential")
+SOLVERS = ("milp", "greedy")
+SENSITIVITY_LOSSES = ("kl", "mse")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -45,6 +48,41 @@ class AdaQuantConfig:
 
 
 @dataclass
+class AllocationConfig:
+    """Bit allocation by integer programming (see allocate/)."""
+    # Candidate (weight bits, activation bits) per layer; `base` is added if missing.
+    precisions: tuple = ((8, 8), (4, 8), (4, 4), (2, 4))
+    base: tuple = (8, 8)            # the precision every other layer holds while one is measured
+    size_ratio: float | None = None  # weight memory / the float32 model's
+    bops_ratio: float | None = None  # BOPs / the float model's at 32-bit weights and activations
+    latency_ms: float | None = None  # summed per-layer latency from `latency_table`
+    latency_table: str | None = None  # JSON: layer -> precision ("W4A8", "float") -> ms
+    max_degradation: float | None = None  # then: least weight memory with at most this degradation
+    loss: str = "kl"                # kl (classifier outputs) or mse (feature outputs)
+    ties: tuple[str, ...] = ()      # each "pat1,pat2": the matching layers share one precision
+    solver: str = "milp"            # milp (exact) or greedy (the baseline)
+
+    def __post_init__(self):
+        self.precisions = tuple(tuple(parse_bits(b) for b in p) for p in self.precisions)
+        self.base = tuple(parse_bits(b) for b in self.base)
+        if not self.precisions:
+            raise Sub8Error("bit allocation needs at least one candidate precision")
+        if self.loss not in SENSITIVITY_LOSSES:
+            raise Sub8Error(f"sensitivity loss must be one of {', '.join(SENSITIVITY_LOSSES)}, got {self.loss!r}")
+        if self.solver not in SOLVERS:
+            raise Sub8Error(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        for name in ("size_ratio", "bops_ratio", "latency_ms"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise Sub8Error(f"--{name.replace('_', '-')} must be positive, got {value}")
+        self.ties = tuple(self.ties)
+
+    def has_budget(self) -> bool:
+        return any(v is not None for v in (self.size_ratio, self.bops_ratio, self.latency_ms,
+                                           self.max_degradation))
+
+
+@dataclass
 class QuantConfig:
     w_bits: int | None = 4
     a_bits: int | None = 4
@@ -63,10 +101,16 @@ class QuantConfig:
     seed: int = 0
     device: str = "cpu"
     adaquant: AdaQuantConfig = field(default_factory=AdaQuantConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    # Where expensive intermediate results (allocation candidates, sensitivities) are kept;
+    # None: nowhere.
+    cache_dir: str | None = field(default_factory=default_cache_dir)
 
     def __post_init__(self):
         if isinstance(self.adaquant, dict):
             self.adaquant = AdaQuantConfig(**self.adaquant)
+        if isinstance(self.allocation, dict):
+            self.allocation = AllocationConfig(**self.allocation)
         self.w_bits = parse_bits(self.w_bits)
         self.a_bits = parse_bits(self.a_bits)
         self.first_last_bits = parse_bits(self.first_last_bits)

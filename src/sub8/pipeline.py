@@ -5,11 +5,14 @@ model + calibration data -> prepare -> steps -> evaluate. A new method is a new 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .allocate import allocate
+from .cache import DiskCache
 from .calibrate import adaquant, calibrate_ranges, correct_bias
 from .config import QuantConfig
 from .errors import Sub8Error
@@ -24,6 +27,8 @@ class Run:
     config: QuantConfig
     prepared: PreparedModel
     calib: torch.Tensor
+    model: nn.Module | None = None      # the user's float model
+    recipe: tuple[str, ...] = ()        # per-layer steps that bit allocation replays per precision
 
 
 def step_ranges(run: Run) -> None:
@@ -40,10 +45,31 @@ def step_adaquant(run: Run) -> dict:
     return adaquant(run.prepared, run.calib.to(c.device), c.adaquant, c.forward_batch, c.seed)
 
 
+def step_allocate(run: Run) -> dict:
+    """Bit allocation: the steps before it in the pipeline run once per candidate precision."""
+    c = run.config
+
+    def run_recipe(precision) -> PreparedModel:
+        config = dataclasses.replace(c, w_bits=precision[0], a_bits=precision[1], steps=run.recipe)
+        prepared = prepare(run.model, run.calib[:1], config)
+        sub = Run(config, prepared, run.calib)
+        for name in run.recipe:
+            STEPS[name](sub)
+        return prepared
+
+    return allocate(run.model, run.prepared, run.calib.to(c.device), c, run.recipe, run_recipe,
+                    DiskCache(c.cache_dir))
+
+
 # A step may return a record; report.json keeps it under the step's name.
-STEPS = {"ranges": step_ranges, "bias_correction": step_bias_correction, "adaquant": step_adaquant}
-# rtn: round-to-nearest after range calibration, the paper's baseline.
-PIPELINES = {"rtn": ("ranges",), "adaquant": ("ranges", "adaquant")}
+STEPS = {"ranges": step_ranges, "bias_correction": step_bias_correction, "adaquant": step_adaquant,
+         "allocate": step_allocate}
+# Steps that treat every layer on its own (float inputs): they may come before "allocate".
+PER_LAYER = ("ranges", "adaquant")
+# rtn: round-to-nearest after range calibration, the paper's baseline. light/advanced: bits
+# allocated by integer programming over per-layer range calibration, or parallel AdaQuant.
+PIPELINES = {"rtn": ("ranges",), "adaquant": ("ranges", "adaquant"),
+             "light": ("ranges", "allocate"), "advanced": ("ranges", "adaquant", "allocate")}
 
 
 def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
@@ -58,6 +84,25 @@ def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
     if config.pipeline not in PIPELINES:
         raise Sub8Error(f"unknown pipeline {config.pipeline!r}; choose one of {', '.join(PIPELINES)}")
     return PIPELINES[config.pipeline]
+
+
+def split_recipe(config: QuantConfig, steps: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the per-layer recipe that allocation replays, the steps the run itself executes)."""
+    if "allocate" not in steps:
+        return (), steps
+    i = steps.index("allocate")
+    recipe = steps[:i]
+    bad = [s for s in recipe if s not in PER_LAYER]
+    if bad or "allocate" in steps[i + 1:]:
+        raise Sub8Error(f"only per-layer steps ({', '.join(PER_LAYER)}) may come before 'allocate', "
+                        f"once; got {', '.join(steps)}")
+    if "adaquant" in recipe and config.adaquant.mode != "parallel":
+        raise Sub8Error("AdaQuant before bit allocation must be parallel: sequential results depend "
+                        "on the other layers' bits")
+    if not config.allocation.has_budget():
+        raise Sub8Error("bit allocation needs a budget: --size-ratio, --bops-ratio, --latency-ms "
+                        "or --max-degradation")
+    return recipe, steps[i:]
 
 
 @dataclass
@@ -93,13 +138,13 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     """Quantize `model` with `config.pipeline` on `calib`; evaluate against the float model on
     `eval_images` when given (`float_logits`, if the caller has them already, saves a pass)."""
     config = config or QuantConfig()
-    steps = pipeline_steps(config)
+    recipe, steps = split_recipe(config, pipeline_steps(config))
     calib = as_tensor(calib)
     torch.manual_seed(config.seed)
     log = StepLog()
     with log.step("prepare", config.device):
         prepared = prepare(model, calib[:1], config)
-    run = Run(config, prepared, calib)
+    run = Run(config, prepared, calib, model=model, recipe=recipe)
     records = {}
     for name in steps:
         with log.step(name, config.device):

@@ -1,0 +1,188 @@
+"""Bit allocation end to end: candidates, sensitivities, the integer program, the mixed model.
+
+1. Candidates: for each candidate precision, the per-layer steps that come before allocation in
+   the pipeline (range calibration, parallel AdaQuant) run on a copy of the model at that uniform
+   precision; each layer's resulting state is kept. These steps treat layers independently, so
+   any mix of per-layer states is a valid model.
+2. Sensitivities: the loss increase of each (layer, precision) over the base-precision model.
+3. The integer program picks one precision per layer; the run's model takes the chosen states.
+Candidates and sensitivities are cached on disk, keyed by the model, the calibration data and
+every setting they depend on: a second solve with another budget only re-solves.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+
+import numpy as np
+import torch
+
+from ..cache import DiskCache, fingerprint, tensor_digest
+from ..config import QuantConfig
+from ..errors import Sub8Error
+from ..evaluate import predict
+from ..prepare import PreparedModel
+from ..quant.layers import float_mode
+from .costs import cost_tables, load_latency_table, precision_label
+from .sensitivity import measure, model_loss
+from .solve import Problem, greedy, minimize_cost, minimize_degradation
+
+
+def layer_states(prepared: PreparedModel) -> dict[str, dict]:
+    return {n: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in layer.state_dict().items()}
+            for n, layer in prepared.quant_layers().items()}
+
+
+def state_bits(state: dict) -> tuple:
+    """(weight bits, input bits) recorded in a QuantLayer's state."""
+    def bits(key):
+        b = state[f"{key}._extra_state"]["bits"]
+        return None if b == -1 else b
+    return bits("weight_quantizer"), bits("input_quantizer")
+
+
+def tie_groups(patterns: tuple[str, ...], layers: list[str]) -> list[list[int]]:
+    """Each item ('pat1,pat2,...') ties every allocated layer it matches to one precision."""
+    groups = []
+    for item in patterns:
+        pats = [p.strip() for p in item.split(",") if p.strip()]
+        members = [i for i, n in enumerate(layers) if any(fnmatch.fnmatchcase(n, p) for p in pats)]
+        if not members:
+            raise Sub8Error(f"--tie {item!r} matches no layer whose bits are allocated")
+        if len(members) > 1:
+            groups.append(members)
+    # Overlapping items tie everything they share: merge them.
+    merged: list[set] = []
+    for g in map(set, groups):
+        for m in [m for m in merged if m & g]:
+            merged.remove(m)
+            g |= m
+        merged.append(g)
+    return [sorted(g) for g in merged]
+
+
+# Budget name -> (absolute cost it bounds, whether the budget is a ratio of the float model's).
+BUDGETS = {"size_ratio": ("size", True), "bops_ratio": ("bops", True), "latency_ms": ("latency", False)}
+
+
+def problem_costs(costs: dict, const: dict, reference: dict) -> tuple[dict, dict]:
+    """Costs in the budgets' own units (ratios of the float model's, or ms), so that budgets,
+    solver tolerances and error messages all speak the user's numbers."""
+    out, fixed = {}, {}
+    for name, (cost, ratio) in BUDGETS.items():
+        if cost in costs and (not ratio or reference.get(cost)):
+            scale = reference[cost] if ratio else 1.0
+            out[name], fixed[name] = costs[cost] / scale, const[cost] / scale
+    return out, fixed
+
+
+def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tensor, config: QuantConfig,
+             recipe: tuple[str, ...], run_recipe, cache: DiskCache, show_progress: bool = True) -> dict:
+    """Allocate bits to `prepared`'s layers (in place) and return the record for report.json.
+    `run_recipe(precision)` returns a fresh PreparedModel at that uniform precision after the
+    recipe's per-layer steps."""
+    from tqdm import tqdm
+
+    cfg = config.allocation
+    timings = {}
+    base = tuple(cfg.base)
+    precisions = list(dict.fromkeys([base, *map(tuple, cfg.precisions)]))
+    adaquant = config.adaquant.__dict__ if "adaquant" in recipe else None
+    common = fingerprint(tensor_digest(model.state_dict().values()), type(model).__qualname__,
+                         tensor_digest([calib]), recipe, adaquant, config.ranges, config.percentile,
+                         config.w_symmetric, config.a_symmetric, config.first_last_bits,
+                         sorted(config.layer_bits.items()), config.seed, config.forward_batch,
+                         str(config.device))
+
+    start = time.perf_counter()
+    states = {}
+    for p in precisions:
+        key = fingerprint(common, p)
+        states[p] = cache.get("candidate", key)
+        if states[p] is None:
+            states[p] = layer_states(run_recipe(p))
+            cache.put("candidate", key, states[p])
+    timings["candidates"] = time.perf_counter() - start
+
+    order = [i.name for i in prepared.layers]
+    layers = [n for n in order if all(state_bits(states[p][n]) == p for p in precisions)]
+    if not layers:
+        raise Sub8Error("no layer's bits can be allocated: every layer is fixed by --first-last-bits "
+                        "or --layer-bits")
+    qlayers = prepared.quant_layers()
+    for n in order:  # the base model: every layer at its base-precision state
+        qlayers[n].load_state_dict(states[base][n])
+
+    start = time.perf_counter()
+    device = config.device
+    with float_mode(prepared.reference) as float_module:
+        reference = predict(float_module, calib, config.forward_batch, device)
+    key = fingerprint(common, base, cfg.loss)
+    cached = cache.get("sensitivity", key)
+    if cached is None:
+        base_loss = model_loss(prepared.module, calib, reference, cfg.loss, config.forward_batch)
+        cache.put("sensitivity", key, {"base": base_loss})
+    else:
+        base_loss = cached["base"]
+    losses = {base: {n: base_loss for n in layers}}
+    todo = {}
+    for p in precisions[1:]:
+        got = cache.get("sensitivity", fingerprint(common, base, p, cfg.loss))
+        if got is not None and all(n in got for n in layers):
+            losses[p] = got
+        else:
+            todo[p] = states[p]
+    with tqdm(total=len(todo) * len(layers), desc="sensitivity", unit="layer", disable=not show_progress,
+              leave=False) as bar:
+        fresh = measure(prepared.module, qlayers, layers, states[base], todo, calib, reference, cfg.loss,
+                        config.forward_batch, bar)
+    for p, got in fresh.items():
+        cache.put("sensitivity", fingerprint(common, base, p, cfg.loss), got)
+        losses[p] = got
+    timings["sensitivity"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    table = np.array([[losses[p][n] - base_loss for p in precisions] for n in layers])
+    latency = load_latency_table(cfg.latency_table) if cfg.latency_table else None
+    if cfg.latency_ms is not None and latency is None:
+        raise Sub8Error("--latency-ms needs --latency-table FILE.json (layer -> precision -> ms)")
+    costs, const, ref = cost_tables(prepared, layers, states, precisions, latency)
+    problem = Problem(layers, precisions, table, *problem_costs(costs, const, ref), tie_groups(cfg.ties, layers))
+    budgets = {name: getattr(cfg, name) for name in BUDGETS if getattr(cfg, name) is not None}
+    if cfg.max_degradation is not None:
+        choice = minimize_cost(problem, "size_ratio", cfg.max_degradation, budgets)
+    elif cfg.solver == "greedy":
+        choice = greedy(problem, budgets)
+    else:
+        choice = minimize_degradation(problem, budgets)
+    timings["solve"] = time.perf_counter() - start
+
+    for i, n in enumerate(layers):
+        qlayers[n].load_state_dict(states[precisions[choice[i]]][n])
+    info = {i.name: i for i in prepared.layers}
+    for n in order:
+        info[n].w_bits, info[n].a_bits = state_bits(qlayers[n].state_dict())
+    measured = model_loss(prepared.module, calib, reference, cfg.loss, config.forward_batch) - base_loss
+
+    totals = {}
+    rows = np.arange(len(layers))
+    for name, (cost, _) in BUDGETS.items():
+        if cost in costs:
+            result = float(const[cost] + costs[cost][rows, choice].sum())
+            totals[cost] = {"float": ref.get(cost), "result": result,
+                            "ratio": result / ref[cost] if ref.get(cost) else None, "budget": budgets.get(name),
+                            "budget_unit": name}
+    return {"solver": "greedy" if cfg.solver == "greedy" and cfg.max_degradation is None else "milp",
+            "loss": cfg.loss, "base": precision_label(base),
+            "precisions": [precision_label(p) for p in precisions],
+            "budgets": {k: v for k, v in budgets.items()}, "max_degradation": cfg.max_degradation,
+            "ties": [[layers[i] for i in g] for g in problem.ties],
+            "choice": {n: precision_label(precisions[choice[i]]) for i, n in enumerate(layers)},
+            "base_loss": base_loss, "predicted_degradation": problem.predicted(choice),
+            "measured_degradation": measured, "costs": totals, "seconds": timings,
+            "cache": {"folder": cache.folder, "hits": len(cache.hits), "misses": len(cache.misses)},
+            "sensitivity": {n: {precision_label(p): float(table[i, j]) for j, p in enumerate(precisions)}
+                            for i, n in enumerate(layers)}}
+
