@@ -182,3 +182,30 @@ def test_allocation_config_errors(tmp_path, calib):
     with pytest.raises(Sub8Error, match="must be parallel"):
         quantize(model, calib, QuantConfig(pipeline="advanced", adaquant={"mode": "sequential"},
                                            allocation=AllocationConfig(size_ratio=0.2), cache_dir=None))
+
+
+def test_suffix_runs_equal_whole_model_runs(calib):
+    """Sensitivities re-run only the layers after the measured one; the values are the same."""
+    from sub8.allocate.allocation import layer_states
+    from sub8.allocate.sensitivity import measure, model_loss
+    from sub8.calibrate import calibrate_ranges
+    from sub8.prepare import prepare
+    from sub8.quant.layers import float_mode
+
+    model = peaky_tiny()
+    low = prepare(model, calib[:1], QuantConfig(w_bits=2, a_bits=4))
+    calibrate_ranges(low, calib)
+    base = prepare(model, calib[:1], QuantConfig(w_bits=8, a_bits=8))
+    calibrate_ranges(base, calib)
+    with float_mode(base.reference), torch.no_grad():
+        reference = base.reference(calib)
+    names = ["block.conv1", "block.conv2", "dw", "grouped"]
+    states, base_states = layer_states(low), layer_states(base)
+    fast = measure(base.module, base.quant_layers(), names, base_states, {(2, 4): states}, calib, reference,
+                   "kl", batch=12)[(2, 4)]
+    for n in names:
+        layer = base.quant_layers()[n]
+        layer.load_state_dict(states[n])
+        slow = model_loss(base.module, calib, reference, "kl", 12)
+        layer.load_state_dict(base_states[n])
+        assert fast[n] == pytest.approx(slow, rel=1e-12, abs=1e-15), n

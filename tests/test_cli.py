@@ -208,7 +208,8 @@ def test_light_pipeline_allocates_and_the_mixed_model_reloads(image_dirs, tmp_pa
     assert a["precisions"] == ["W8A8", "W4A8", "W2A4"]
     assert a["choice"]["block.conv1"] == a["choice"]["block.conv2"]  # tied
     assert report["size"]["ratio"] <= 0.22
-    assert [s["name"] for s in report["steps"]] == ["prepare", "allocate", "evaluate"]
+    assert [s["name"] for s in report["steps"]] == ["prepare", "evaluate", "allocate", "bn_tuning", "bias_tuning"]
+    assert all("top1_agreement" in s["metrics"] for s in report["steps"][2:])  # after each step
     x = load_images(evals, tiny()[1]).images
     qm = sub8.load(out)
     assert {i.name: f"W{i.w_bits}A{i.a_bits}" for i in qm.prepared.layers if i.name in a["choice"]} == a["choice"]

@@ -11,7 +11,7 @@ import warnings
 import click
 import torch
 
-from .config import (ADAQUANT_MODES, LR_SCHEDULES, SENSITIVITY_LOSSES, SOLVERS, AdaQuantConfig, AllocationConfig,
+from .config import (ADAQUANT_MODES, LR_SCHEDULES, OUTPUT_LOSSES, SOLVERS, AdaQuantConfig, AllocationConfig,
                      QuantConfig, parse_layer_bits)
 from .errors import Sub8Error
 from .quant.ranges import METHODS
@@ -91,9 +91,12 @@ def quant_options(fn):
                      show_default=True, help="candidate precisions for bit allocation"),
         click.option("--base-bits", default="W8A8", show_default=True,
                      help="precision of the other layers while one layer's sensitivity is measured"),
-        click.option("--sensitivity-loss", type=click.Choice(SENSITIVITY_LOSSES), default="kl", show_default=True,
-                     help="kl for classifier outputs, mse for feature outputs"),
+        click.option("--output-loss", type=click.Choice(OUTPUT_LOSSES), default="kl", show_default=True,
+                     help="float vs quantized outputs, no labels (sensitivities, bias tuning): kl for "
+                          "classifiers, mse for feature extractors"),
         click.option("--tie", multiple=True, help="PAT1,PAT2,...: matching layers get one precision (repeatable)"),
+        click.option("--sensitivity-samples", type=int, default=None,
+                     help="measure sensitivities on the first N calibration samples [default: all]"),
         click.option("--solver", type=click.Choice(SOLVERS), default="milp", show_default=True,
                      help="milp (exact) or greedy (baseline)"),
         click.option("--cache-dir", default=None, help="where allocation candidates and sensitivities are "
@@ -118,7 +121,8 @@ def build_config(o: dict) -> QuantConfig:
         precisions=tuple(parse_precision(p) for p in o["precisions"].split(",") if p.strip()),
         base=parse_precision(o["base_bits"]), size_ratio=o["size_ratio"], bops_ratio=o["bops_ratio"],
         latency_ms=o["latency_ms"], latency_table=o["latency_table"], max_degradation=o["max_degradation"],
-        loss=o["sensitivity_loss"], ties=tuple(o["tie"]), solver=o["solver"])
+        ties=tuple(o["tie"]), solver=o["solver"],
+        sensitivity_samples=o["sensitivity_samples"])
     extra = {} if o["cache_dir"] is None else {"cache_dir": o["cache_dir"]}
     if o["no_cache"]:
         extra["cache_dir"] = None
@@ -126,7 +130,7 @@ def build_config(o: dict) -> QuantConfig:
                        layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
                        w_symmetric=o["w_symmetric"], a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
                        steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
-                       device=o["device"], adaquant=adaquant, allocation=allocation, **extra)
+                       output_loss=o["output_loss"], device=o["device"], adaquant=adaquant, allocation=allocation, **extra)
 
 
 @main.command()

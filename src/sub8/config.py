@@ -12,7 +12,7 @@ from .quant.ranges import METHODS
 
 ADAQUANT_MODES = ("parallel", "sequential")
 SOLVERS = ("milp", "greedy")
-SENSITIVITY_LOSSES = ("kl", "mse")
+OUTPUT_LOSSES = ("kl", "mse")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -48,6 +48,20 @@ class AdaQuantConfig:
 
 
 @dataclass
+class BiasTuningConfig:
+    iters: int = 200
+    batch_size: int = 32
+    lr: float = 1e-3        # Adam, decayed along a half cosine
+    holdout: float = 0.1    # share of calibration samples kept out to measure over-fitting
+
+    def __post_init__(self):
+        if self.iters < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise Sub8Error("bias tuning needs iters >= 0, a batch size >= 1 and a positive learning rate")
+        if not 0.0 < self.holdout < 1.0:
+            raise Sub8Error(f"holdout must be in (0, 1), got {self.holdout}")
+
+
+@dataclass
 class AllocationConfig:
     """Bit allocation by integer programming (see allocate/)."""
     # Candidate (weight bits, activation bits) per layer; `base` is added if missing.
@@ -58,8 +72,8 @@ class AllocationConfig:
     latency_ms: float | None = None  # summed per-layer latency from `latency_table`
     latency_table: str | None = None  # JSON: layer -> precision ("W4A8", "float") -> ms
     max_degradation: float | None = None  # then: least weight memory with at most this degradation
-    loss: str = "kl"                # kl (classifier outputs) or mse (feature outputs)
     ties: tuple[str, ...] = ()      # each "pat1,pat2": the matching layers share one precision
+    sensitivity_samples: int | None = None  # measure sensitivities on the first N samples (None: all)
     solver: str = "milp"            # milp (exact) or greedy (the baseline)
 
     def __post_init__(self):
@@ -67,8 +81,6 @@ class AllocationConfig:
         self.base = tuple(parse_bits(b) for b in self.base)
         if not self.precisions:
             raise Sub8Error("bit allocation needs at least one candidate precision")
-        if self.loss not in SENSITIVITY_LOSSES:
-            raise Sub8Error(f"sensitivity loss must be one of {', '.join(SENSITIVITY_LOSSES)}, got {self.loss!r}")
         if self.solver not in SOLVERS:
             raise Sub8Error(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         for name in ("size_ratio", "bops_ratio", "latency_ms"):
@@ -76,6 +88,8 @@ class AllocationConfig:
             if value is not None and value <= 0:
                 raise Sub8Error(f"--{name.replace('_', '-')} must be positive, got {value}")
         self.ties = tuple(self.ties)
+        if self.sensitivity_samples is not None and self.sensitivity_samples < 1:
+            raise Sub8Error(f"sensitivity samples must be at least 1, got {self.sensitivity_samples}")
 
     def has_budget(self) -> bool:
         return any(v is not None for v in (self.size_ratio, self.bops_ratio, self.latency_ms,
@@ -98,10 +112,14 @@ class QuantConfig:
     steps: tuple[str, ...] | None = None  # an explicit step list overrides the pipeline's
     samples: int = 256
     forward_batch: int = 32  # images per forward pass (calibration, evaluation)
+    # The label-free loss between float and quantized outputs (sensitivities, bias tuning):
+    # kl of the softmax outputs (classifiers) or mse (feature extractors).
+    output_loss: str = "kl"
     seed: int = 0
     device: str = "cpu"
     adaquant: AdaQuantConfig = field(default_factory=AdaQuantConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    bias_tuning: BiasTuningConfig = field(default_factory=BiasTuningConfig)
     # Where expensive intermediate results (allocation candidates, sensitivities) are kept;
     # None: nowhere.
     cache_dir: str | None = field(default_factory=default_cache_dir)
@@ -111,6 +129,8 @@ class QuantConfig:
             self.adaquant = AdaQuantConfig(**self.adaquant)
         if isinstance(self.allocation, dict):
             self.allocation = AllocationConfig(**self.allocation)
+        if isinstance(self.bias_tuning, dict):
+            self.bias_tuning = BiasTuningConfig(**self.bias_tuning)
         self.w_bits = parse_bits(self.w_bits)
         self.a_bits = parse_bits(self.a_bits)
         self.first_last_bits = parse_bits(self.first_last_bits)
@@ -126,6 +146,8 @@ class QuantConfig:
             raise Sub8Error(f"percentile must be in (50, 100], got {self.percentile}")
         if self.samples < 1:
             raise Sub8Error(f"samples must be at least 1, got {self.samples}")
+        if self.output_loss not in OUTPUT_LOSSES:
+            raise Sub8Error(f"output loss must be one of {', '.join(OUTPUT_LOSSES)}, got {self.output_loss!r}")
         if self.forward_batch < 1:
             raise Sub8Error(f"forward batch must be at least 1, got {self.forward_batch}")
 

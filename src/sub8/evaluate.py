@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import OUTPUT_LOSSES
+from .errors import Sub8Error
+
 CONFIDENT = 0.5  # float top probability at or above this marks a "confident" image
 
 
@@ -44,3 +47,16 @@ def compare(float_logits: torch.Tensor, quant_logits: torch.Tensor,
     if labels is not None:
         out["accuracy"] = (quant_logits.argmax(dim=1) == labels).double().mean().item()
     return out
+
+
+def output_loss(kind: str, quant: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """A label-free loss of quantized vs float outputs, summed over the batch (in float64):
+    KL(float || quantized) of the softmax outputs, or the mean squared error per sample."""
+    quant, reference = quant.double(), reference.double()
+    if kind == "kl":
+        f = F.log_softmax(reference.flatten(1), dim=1)
+        q = F.log_softmax(quant.flatten(1), dim=1)
+        return (f.exp() * (f - q)).sum()
+    if kind == "mse":
+        return ((quant - reference) ** 2).flatten(1).mean(dim=1).sum()
+    raise Sub8Error(f"unknown output loss {kind!r}; choose one of {', '.join(OUTPUT_LOSSES)}")

@@ -6,6 +6,7 @@ model + calibration data -> prepare -> steps -> evaluate. A new method is a new 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from .allocate import allocate
 from .cache import DiskCache
-from .calibrate import adaquant, calibrate_ranges, correct_bias
+from .calibrate import adaquant, calibrate_ranges, correct_bias, tune_batchnorm, tune_biases
 from .config import QuantConfig
 from .errors import Sub8Error
 from .evaluate import compare, predict
@@ -45,6 +46,23 @@ def step_adaquant(run: Run) -> dict:
     return adaquant(run.prepared, run.calib.to(c.device), c.adaquant, c.forward_batch, c.seed)
 
 
+def step_adaquant_sequential(run: Run) -> dict:
+    """Sequential AdaQuant whatever --adaquant says: after bit allocation it corrects the errors
+    the chosen mix accumulates, layer after layer."""
+    c = run.config
+    cfg = dataclasses.replace(c.adaquant, mode="sequential")
+    return adaquant(run.prepared, run.calib.to(c.device), cfg, c.forward_batch, c.seed)
+
+
+def step_bn_tuning(run: Run) -> dict:
+    return tune_batchnorm(run.prepared, run.calib.to(run.config.device), run.config.forward_batch)
+
+
+def step_bias_tuning(run: Run) -> dict:
+    c = run.config
+    return tune_biases(run.prepared, run.calib.to(c.device), c.bias_tuning, c.output_loss, c.forward_batch, c.seed)
+
+
 def step_allocate(run: Run) -> dict:
     """Bit allocation: the steps before it in the pipeline run once per candidate precision."""
     c = run.config
@@ -63,13 +81,16 @@ def step_allocate(run: Run) -> dict:
 
 # A step may return a record; report.json keeps it under the step's name.
 STEPS = {"ranges": step_ranges, "bias_correction": step_bias_correction, "adaquant": step_adaquant,
-         "allocate": step_allocate}
+         "allocate": step_allocate, "adaquant_sequential": step_adaquant_sequential,
+         "bn_tuning": step_bn_tuning, "bias_tuning": step_bias_tuning}
 # Steps that treat every layer on its own (float inputs): they may come before "allocate".
 PER_LAYER = ("ranges", "adaquant")
-# rtn: round-to-nearest after range calibration, the paper's baseline. light/advanced: bits
-# allocated by integer programming over per-layer range calibration, or parallel AdaQuant.
+# rtn: round-to-nearest after range calibration, the paper's baseline. light and advanced (the
+# paper's recipes): bits allocated by integer programming over per-layer range calibration, or
+# over parallel AdaQuant; then (advanced) sequential AdaQuant on the mix; then BN and bias tuning.
 PIPELINES = {"rtn": ("ranges",), "adaquant": ("ranges", "adaquant"),
-             "light": ("ranges", "allocate"), "advanced": ("ranges", "adaquant", "allocate")}
+             "light": ("ranges", "allocate", "bn_tuning", "bias_tuning"),
+             "advanced": ("ranges", "adaquant", "allocate", "adaquant_sequential", "bn_tuning", "bias_tuning")}
 
 
 def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
@@ -145,22 +166,30 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     with log.step("prepare", config.device):
         prepared = prepare(model, calib[:1], config)
     run = Run(config, prepared, calib, model=model, recipe=recipe)
-    records = {}
+    evaluate = None
+    if eval_images is not None:
+        with log.step("evaluate", config.device):  # the float model's outputs, once
+            if float_logits is None:
+                float_logits = predict(model.to(config.device).eval(), eval_images,
+                                       config.forward_batch, config.device)
+
+        def evaluate() -> dict:
+            quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
+            return compare(float_logits, quant_logits, eval_labels)
+    records, metrics = {}, None
     for name in steps:
-        with log.step(name, config.device):
+        with log.step(name, config.device) as entry:
             record = STEPS[name](run)
         if record is not None:
             records[name] = record
+        if evaluate is not None:  # what each step adds: the paper's ablation in one run
+            start = time.perf_counter()
+            metrics = entry["metrics"] = evaluate()
+            entry["eval_seconds"] = time.perf_counter() - start
     report = {"tool": TOOL, "config": config.to_dict(), "seed": config.seed, "versions": versions(),
               "calibration": {"n_images": len(calib)},
               "layers": [info.to_dict() for info in prepared.layers],
               "size": size_report(prepared), "steps": log.steps, **records}
-    if eval_images is not None:
-        with log.step("evaluate", config.device):
-            if float_logits is None:
-                float_logits = predict(model.to(config.device).eval(), eval_images,
-                                       config.forward_batch, config.device)
-            quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
-            report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels),
-                                 "quantized": compare(float_logits, quant_logits, eval_labels)}
+    if metrics is not None:
+        report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels), "quantized": metrics}
     return QuantizedModel(prepared, report)

@@ -117,29 +117,34 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
 
     start = time.perf_counter()
     device = config.device
+    # The sensitivities' samples: the calibration set, or its first `sensitivity_samples`.
+    sample = calib[:cfg.sensitivity_samples] if cfg.sensitivity_samples else calib
+    common = fingerprint(common, len(sample))
     with float_mode(prepared.reference) as float_module:
-        reference = predict(float_module, calib, config.forward_batch, device)
-    key = fingerprint(common, base, cfg.loss)
+        reference = predict(float_module, sample, config.forward_batch, device)
+    key = fingerprint(common, base, config.output_loss)
     cached = cache.get("sensitivity", key)
     if cached is None:
-        base_loss = model_loss(prepared.module, calib, reference, cfg.loss, config.forward_batch)
+        base_loss = model_loss(prepared.module, sample, reference, config.output_loss, config.forward_batch)
         cache.put("sensitivity", key, {"base": base_loss})
     else:
         base_loss = cached["base"]
     losses = {base: {n: base_loss for n in layers}}
     todo = {}
     for p in precisions[1:]:
-        got = cache.get("sensitivity", fingerprint(common, base, p, cfg.loss))
+        got = cache.get("sensitivity", fingerprint(common, base, p, config.output_loss))
         if got is not None and all(n in got for n in layers):
             losses[p] = got
         else:
             todo[p] = states[p]
-    with tqdm(total=len(todo) * len(layers), desc="sensitivity", unit="layer", disable=not show_progress,
+    n_batches = -(-len(sample) // config.forward_batch)
+    with tqdm(total=len(todo) * len(layers) * n_batches, desc="sensitivity", unit="layer-batch",
+              disable=not show_progress,
               leave=False) as bar:
-        fresh = measure(prepared.module, qlayers, layers, states[base], todo, calib, reference, cfg.loss,
+        fresh = measure(prepared.module, qlayers, layers, states[base], todo, sample, reference, config.output_loss,
                         config.forward_batch, bar)
     for p, got in fresh.items():
-        cache.put("sensitivity", fingerprint(common, base, p, cfg.loss), got)
+        cache.put("sensitivity", fingerprint(common, base, p, config.output_loss), got)
         losses[p] = got
     timings["sensitivity"] = time.perf_counter() - start
 
@@ -164,7 +169,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
     info = {i.name: i for i in prepared.layers}
     for n in order:
         info[n].w_bits, info[n].a_bits = state_bits(qlayers[n].state_dict())
-    measured = model_loss(prepared.module, calib, reference, cfg.loss, config.forward_batch) - base_loss
+    measured = model_loss(prepared.module, sample, reference, config.output_loss, config.forward_batch) - base_loss
 
     totals = {}
     rows = np.arange(len(layers))
@@ -175,7 +180,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
                             "ratio": result / ref[cost] if ref.get(cost) else None, "budget": budgets.get(name),
                             "budget_unit": name}
     return {"solver": "greedy" if cfg.solver == "greedy" and cfg.max_degradation is None else "milp",
-            "loss": cfg.loss, "base": precision_label(base),
+            "loss": config.output_loss, "base": precision_label(base),
             "precisions": [precision_label(p) for p in precisions],
             "budgets": {k: v for k, v in budgets.items()}, "max_degradation": cfg.max_degradation,
             "ties": [[layers[i] for i in g] for g in problem.ties],

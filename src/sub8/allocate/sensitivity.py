@@ -10,22 +10,9 @@ parallel-AdaQuant result), so that per-layer entries add up to predict a mixed m
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import fx
 
-from ..config import SENSITIVITY_LOSSES
-from ..errors import Sub8Error
-
-
-def output_loss(kind: str, quant: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """The summed loss over a batch (divide by the sample count for the mean)."""
-    quant, reference = quant.double(), reference.double()
-    if kind == "kl":
-        f = F.log_softmax(reference.flatten(1), dim=1)
-        q = F.log_softmax(quant.flatten(1), dim=1)
-        return (f.exp() * (f - q)).sum()
-    if kind == "mse":
-        return ((quant - reference) ** 2).flatten(1).mean(dim=1).sum()
-    raise Sub8Error(f"unknown sensitivity loss {kind!r}; choose one of {', '.join(SENSITIVITY_LOSSES)}")
+from ..evaluate import output_loss
 
 
 @torch.no_grad()
@@ -38,22 +25,46 @@ def model_loss(module, calib: torch.Tensor, reference: torch.Tensor, kind: str, 
     return total / len(calib)
 
 
+class SuffixRunner:
+    """Runs a GraphModule on one batch once, keeping every node's value, then re-runs it from a
+    given layer on: the nodes before that layer are taken from the recorded run. Measuring one
+    layer's sensitivity then costs the rest of the network, not all of it."""
+
+    def __init__(self, module: fx.GraphModule, x: torch.Tensor):
+        self.module = module
+        self.x = x
+        recorder = fx.Interpreter(module, garbage_collect_values=False)
+        recorder.run(x)
+        self.env = recorder.env
+        self.nodes = list(module.graph.nodes)
+        self.position = {n.target: i for i, n in enumerate(self.nodes) if n.op == "call_module"}
+
+    def from_layer(self, name: str) -> torch.Tensor:
+        before = self.nodes[:self.position[name]]
+        return fx.Interpreter(self.module).run(self.x, initial_env={n: self.env[n] for n in before})
+
+
 @torch.no_grad()
-def measure(module, qlayers: dict, layers: list[str], base_states: dict, states: dict[tuple, dict],
-            calib: torch.Tensor, reference: torch.Tensor, kind: str, batch: int,
+def measure(module: fx.GraphModule, qlayers: dict, layers: list[str], base_states: dict,
+            states: dict[tuple, dict], calib: torch.Tensor, reference: torch.Tensor, kind: str, batch: int,
             progress=None) -> dict[tuple, dict[str, float]]:
     """{precision: {layer: loss with that layer alone at that precision}}; `module` must hold
     the base states on entry and holds them again on return."""
-    out = {}
-    for p, per_layer in states.items():
-        out[p] = {}
-        for name in layers:
-            layer = qlayers[name]
-            layer.load_state_dict(per_layer[name])
-            try:
-                out[p][name] = model_loss(module, calib, reference, kind, batch)
-            finally:
-                layer.load_state_dict(base_states[name])
-            if progress is not None:
-                progress.update(1)
-    return out
+    totals = {p: dict.fromkeys(layers, 0.0) for p in states}
+    device = next(module.parameters()).device
+    for i in range(0, len(calib), batch):
+        runner = SuffixRunner(module, calib[i:i + batch].to(device))
+        target = reference[i:i + batch]
+        for p, per_layer in states.items():
+            for name in layers:
+                layer = qlayers[name]
+                layer.load_state_dict(per_layer[name])
+                try:
+                    out = runner.from_layer(name)
+                finally:
+                    layer.load_state_dict(base_states[name])
+                totals[p][name] += output_loss(kind, out.float().cpu(), target).item()
+                if progress is not None:
+                    progress.update(1)
+        del runner
+    return {p: {n: v / len(calib) for n, v in t.items()} for p, t in totals.items()}

@@ -238,10 +238,8 @@ class Quantizer(nn.Module):
         if not self.initialized:
             raise RuntimeError("quantizer used before its range was calibrated")
         step = self.step if step is None else step
-        grad = torch.is_grad_enabled() and (x.requires_grad or step.requires_grad or self.zero_point.requires_grad)
-        if step is self.step and not grad:
-            return self.dequantize(self.codes(x))
-        # The same values as codes/dequantize (tested bit for bit), with fused gradients.
+        # The same values as codes/dequantize (tested bit for bit) in fewer memory passes, with
+        # fused gradients when they are needed.
         return _FakeQuantSTE.apply(x, self._view(step, x.dim()), self._view(self.zero_point, x.dim()),
                                    self.qmin, self.qmax)
 

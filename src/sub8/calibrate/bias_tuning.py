@@ -1,0 +1,72 @@
+"""Bias tuning: train only the biases of the quantized model so that its outputs match the
+float model's on the calibration set, without labels.
+
+Loss: KL(float || quantized) of the softmax outputs for classifiers, or the mean squared error of
+the outputs for feature extractors (the allocation's sensitivity loss). Every other tensor stays
+frozen; quantizers round with straight-through gradients. A held-out share of the calibration
+samples never enters training and reports the loss before and after, so over-fitting shows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+
+from ..config import BiasTuningConfig
+from ..errors import Sub8Error
+from ..evaluate import output_loss, predict
+from ..prepare import PreparedModel
+from ..quant.layers import float_mode
+from .adam import MultiTensorAdam
+
+
+def _mean_loss(kind, out, target) -> torch.Tensor:
+    return output_loss(kind, out, target) / len(out)
+
+
+def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningConfig | None = None,
+                loss: str = "kl", batch_size: int = 32, seed: int = 0) -> dict:
+    cfg = cfg or BiasTuningConfig()
+    module = prepared.module
+    device = next(module.parameters()).device
+    with float_mode(prepared.reference):
+        target = predict(prepared.reference, calib, batch_size, str(device))
+    n = len(calib)
+    n_held = max(1, int(round(cfg.holdout * n)))
+    if n - n_held < 1:
+        raise Sub8Error(f"bias tuning needs at least 2 calibration samples, got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    train, held = order[n_held:], order[:n_held]
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            out = predict(module, calib[held], batch_size, str(device))
+        return _mean_loss(loss, out, target[held]).item()
+
+    biases = [layer.layer.bias for layer in prepared.quant_layers().values()]
+    frozen = [p for p in module.parameters() if p.requires_grad]
+    before = held_loss()
+    for p in frozen:
+        p.requires_grad_(False)
+    for b in biases:
+        b.requires_grad_(True)
+    opt = MultiTensorAdam(biases, [cfg.lr] * len(biases))
+    g = torch.Generator().manual_seed(seed)
+    batch = min(cfg.batch_size, len(train))
+    try:
+        for it in range(cfg.iters):
+            idx = train[torch.randint(len(train), (batch,), generator=g)]
+            opt.zero_grad()
+            out = module(calib[idx].to(device))
+            _mean_loss(loss, out.float(), target[idx].to(device)).backward()
+            opt.step(0.5 * (1 + math.cos(math.pi * it / cfg.iters)))
+    finally:
+        for b in biases:
+            b.requires_grad_(False)
+            b.grad = None
+        for p in frozen:
+            p.requires_grad_(True)
+    return {"settings": asdict(cfg), "loss": loss, "n_train": len(train), "n_heldout": len(held),
+            "heldout_loss_before": before, "heldout_loss_after": held_loss()}
