@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         alloc = AllocationConfig(precisions=precisions, base=(8, 8), sensitivity_samples=args.sensitivity_samples,
                                  **budget)
         # Ranges, then allocation: the integer program's own effect (BN and bias tuning, which
-        # the light pipeline adds after it, are measured in bench_pipelines.py).
+        # the light pipeline adds after it, are measured by bench_pipelines.py).
         config = QuantConfig(steps=("ranges", "allocate"), samples=args.samples, allocation=alloc, cache_dir=cache_dir)
         start = time.perf_counter()
         report = quantize(model, calib, config, eval_images=evals, float_logits=float_logits).report

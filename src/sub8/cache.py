@@ -44,10 +44,12 @@ def fingerprint(*parts) -> str:
 
 
 class DiskCache:
-    """`get`/`put` of tensors and plain containers under `folder`; `folder=None` caches nothing."""
+    """`get`/`put` of tensors and plain containers under `folder`; `folder=None` caches nothing;
+    `read=False` writes entries but never reads one (a fresh run)."""
 
-    def __init__(self, folder: str | None):
+    def __init__(self, folder: str | None, read: bool = True):
         self.folder = folder
+        self.read = read
         self.hits: list[str] = []
         self.misses: list[str] = []
 
@@ -58,7 +60,7 @@ class DiskCache:
         if self.folder is None:
             return None
         path = self._path(kind, key)
-        if not os.path.exists(path):
+        if not self.read or not os.path.exists(path):
             self.misses.append(f"{kind}-{key}")
             return None
         try:

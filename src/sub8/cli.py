@@ -66,7 +66,8 @@ def quant_options(fn):
                      show_default=True, help="AdaQuant inputs: float (parallel) or quantized model's (sequential)"),
         click.option("--iters", default=AdaQuantConfig.iters, show_default=True, help="AdaQuant iterations per layer"),
         click.option("--batch-size", default=AdaQuantConfig.batch_size, show_default=True, help="AdaQuant mini-batch"),
-        click.option("--lr-weight", default=AdaQuantConfig.lr_weight, show_default=True),
+        click.option("--lr-weight", default=AdaQuantConfig.lr_weight, show_default=True,
+                     help="relative rate of the weights (in units of their channel's grid step)"),
         click.option("--lr-bias", default=AdaQuantConfig.lr_bias, show_default=True),
         click.option("--lr-weight-quant", default=AdaQuantConfig.lr_weight_quant, show_default=True,
                      help="relative rate of the weight steps (log space)"),
@@ -102,6 +103,8 @@ def quant_options(fn):
         click.option("--cache-dir", default=None, help="where allocation candidates and sensitivities are "
                      "cached [default: $SUB8_CACHE_DIR or ~/.cache/sub8]"),
         click.option("--no-cache", is_flag=True, help="neither read nor write the cache"),
+        click.option("--fresh", is_flag=True, help="start over: read nothing from the cache (an "
+                     "interrupted run of the same command otherwise resumes after its last finished step)"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -159,7 +162,7 @@ def quantize(eval_dir, labels, out_dir, force, **opts):
         eval_set = load_images(eval_dir, loaded.transform, seed=config.seed, labels=labels, role="evaluation")
     qmodel = run_quantize(loaded.module, calib_set.images, config,
                           eval_images=None if eval_set is None else eval_set.images,
-                          eval_labels=None if eval_set is None else eval_set.labels)
+                          eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"])
     report = qmodel.report
     report["model"] = {"spec": opts["model_spec"], "weights": opts["weights"]}
     report["calibration"].update({"folder": os.path.abspath(opts["calib"]), "skipped": len(calib_set.skipped)})

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from .allocate import allocate
-from .cache import DiskCache
+from .cache import DiskCache, tensor_digest
 from .calibrate import adaquant, calibrate_ranges, correct_bias, tune_batchnorm, tune_biases
 from .config import QuantConfig
 from .errors import Sub8Error
 from .evaluate import compare, predict
 from .prepare import PreparedModel, prepare
 from .report import TOOL, StepLog, versions
+from .resume import Checkpoints, module_state
 from .size import size_report
 
 
@@ -30,6 +31,9 @@ class Run:
     calib: torch.Tensor
     model: nn.Module | None = None      # the user's float model
     recipe: tuple[str, ...] = ()        # per-layer steps that bit allocation replays per precision
+    checkpoints: Checkpoints | None = None
+    done: tuple[str, ...] = ()          # the steps finished before the current one
+    fresh: bool = False                 # read nothing from the disk cache
 
 
 def step_ranges(run: Run) -> None:
@@ -41,9 +45,15 @@ def step_bias_correction(run: Run) -> None:
     correct_bias(run.prepared, run.calib.to(run.config.device), run.config.forward_batch)
 
 
+def _inside(run: Run):
+    """Checkpoints inside the current step (AdaQuant resumes after its last finished group)."""
+    return None if run.checkpoints is None else run.checkpoints.scope("inside", run.done)
+
+
 def step_adaquant(run: Run) -> dict:
     c = run.config
-    return adaquant(run.prepared, run.calib.to(c.device), c.adaquant, c.forward_batch, c.seed)
+    return adaquant(run.prepared, run.calib.to(c.device), c.adaquant, c.forward_batch, c.seed,
+                    checkpoints=_inside(run))
 
 
 def step_adaquant_sequential(run: Run) -> dict:
@@ -51,7 +61,7 @@ def step_adaquant_sequential(run: Run) -> dict:
     the chosen mix accumulates, layer after layer."""
     c = run.config
     cfg = dataclasses.replace(c.adaquant, mode="sequential")
-    return adaquant(run.prepared, run.calib.to(c.device), cfg, c.forward_batch, c.seed)
+    return adaquant(run.prepared, run.calib.to(c.device), cfg, c.forward_batch, c.seed, checkpoints=_inside(run))
 
 
 def step_bn_tuning(run: Run) -> dict:
@@ -76,7 +86,7 @@ def step_allocate(run: Run) -> dict:
         return prepared
 
     return allocate(run.model, run.prepared, run.calib.to(c.device), c, run.recipe, run_recipe,
-                    DiskCache(c.cache_dir))
+                    DiskCache(c.cache_dir, read=not run.fresh))
 
 
 # A step may return a record; report.json keeps it under the step's name.
@@ -155,9 +165,12 @@ def as_tensor(data) -> torch.Tensor:
 
 def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
              eval_images: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
-             float_logits: torch.Tensor | None = None) -> QuantizedModel:
+             float_logits: torch.Tensor | None = None, fresh: bool = False) -> QuantizedModel:
     """Quantize `model` with `config.pipeline` on `calib`; evaluate against the float model on
-    `eval_images` when given (`float_logits`, if the caller has them already, saves a pass)."""
+    `eval_images` when given (`float_logits`, if the caller has them already, saves a pass).
+
+    An interrupted run with the same model, data and config resumes after its last finished
+    step (or AdaQuant group) from `config.cache_dir`; `fresh=True` starts over."""
     config = config or QuantConfig()
     recipe, steps = split_recipe(config, pipeline_steps(config))
     calib = as_tensor(calib)
@@ -165,7 +178,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     log = StepLog()
     with log.step("prepare", config.device):
         prepared = prepare(model, calib[:1], config)
-    run = Run(config, prepared, calib, model=model, recipe=recipe)
+    checkpoints = Checkpoints(DiskCache(config.cache_dir, read=not fresh), model, calib, config.to_dict())
+    run = Run(config, prepared, calib, model=model, recipe=recipe, checkpoints=checkpoints, fresh=fresh)
     evaluate = None
     if eval_images is not None:
         with log.step("evaluate", config.device):  # the float model's outputs, once
@@ -177,7 +191,17 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
             quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
             return compare(float_logits, quant_logits, eval_labels)
     records, metrics = {}, None
-    for name in steps:
+    eval_key = None if eval_images is None else tensor_digest([eval_images])
+    for k, name in enumerate(steps):
+        run.done = steps[:k]
+        saved = checkpoints.load("step", steps[:k + 1], eval_key)
+        if saved is not None:  # finished by an interrupted run of the same command
+            prepared.module.load_state_dict(saved["state"])
+            prepared.sync_bits()
+            records, entry = saved["records"], saved["entry"]
+            log.steps.append({**entry, "resumed": True})
+            metrics = entry.get("metrics")
+            continue
         with log.step(name, config.device) as entry:
             record = STEPS[name](run)
         if record is not None:
@@ -186,6 +210,9 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
             start = time.perf_counter()
             metrics = entry["metrics"] = evaluate()
             entry["eval_seconds"] = time.perf_counter() - start
+        checkpoints.save({"state": module_state(prepared.module), "records": records, "entry": entry},
+                         "step", steps[:k + 1], eval_key)
+    checkpoints.clear()
     report = {"tool": TOOL, "config": config.to_dict(), "seed": config.seed, "versions": versions(),
               "calibration": {"n_images": len(calib)},
               "layers": [info.to_dict() for info in prepared.layers],

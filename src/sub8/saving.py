@@ -54,7 +54,5 @@ def load(run_dir: str, device: str = "cpu") -> QuantizedModel:
     loaded = load_model(payload["model"], architecture_only=True)
     prepared = prepare(loaded.module, torch.zeros(payload["input_shape"]), QuantConfig(**config))
     prepared.module.load_state_dict(payload["state_dict"])
-    layers = prepared.quant_layers()
-    for info in prepared.layers:  # bits come from the state (bit allocation may have mixed them)
-        info.w_bits, info.a_bits = layers[info.name].w_bits, layers[info.name].a_bits
+    prepared.sync_bits()  # bits come from the state (bit allocation may have mixed them)
     return QuantizedModel(prepared, {"config": payload["config"]})

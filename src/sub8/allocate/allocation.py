@@ -166,9 +166,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
 
     for i, n in enumerate(layers):
         qlayers[n].load_state_dict(states[precisions[choice[i]]][n])
-    info = {i.name: i for i in prepared.layers}
-    for n in order:
-        info[n].w_bits, info[n].a_bits = state_bits(qlayers[n].state_dict())
+    prepared.sync_bits()
     measured = model_loss(prepared.module, sample, reference, config.output_loss, config.forward_batch) - base_loss
 
     totals = {}

@@ -33,6 +33,12 @@ class PreparedModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
 
+    def sync_bits(self) -> None:
+        """Copy each layer's bits from its quantizers (after a state was loaded) to the table."""
+        layers = self.quant_layers()
+        for info in self.layers:
+            info.w_bits, info.a_bits = layers[info.name].w_bits, layers[info.name].a_bits
+
 
 def assign_bits(layers: list[LayerInfo], config: QuantConfig) -> None:
     """Uniform bits, then first/last layer bits, then the user's name patterns (in order)."""
