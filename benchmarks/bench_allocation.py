@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bops-precisions", default="W8A8,W4A8,W4A4,W2A4")
     ap.add_argument("--pareto", default="0.10,0.125,0.15,0.175,0.20,0.25")
     ap.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder (a cold first run)")
+    ap.add_argument("--uniform-only", action="store_true", help="only the uniform-precision rows")
+    ap.add_argument("--bops-only", action="store_true", help="only the BOPs experiment")
+    ap.add_argument("--after", default="", help="steps after allocation, e.g. bn_tuning (default: none)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "allocation.json"))
     args = ap.parse_args(argv)
 
@@ -68,12 +71,13 @@ def main(argv=None) -> int:
           f"{'KL':>7} {'pred dL':>8} {'meas dL':>8} {'seconds':>8}", flush=True)
     rows = []
 
-    def run(experiment, label, precisions, **budget):
-        alloc = AllocationConfig(precisions=precisions, base=(8, 8), sensitivity_samples=args.sensitivity_samples,
+    def run(experiment, label, precisions, base=(8, 8), **budget):
+        alloc = AllocationConfig(precisions=precisions, base=base, sensitivity_samples=args.sensitivity_samples,
                                  **budget)
-        # Ranges, then allocation: the integer program's own effect (BN and bias tuning, which
-        # the light pipeline adds after it, are measured by bench_pipelines.py).
-        config = QuantConfig(steps=("ranges", "allocate"), samples=args.samples, allocation=alloc, cache_dir=cache_dir)
+        # Ranges, then allocation: the integer program's own effect (the light pipeline adds BN
+        # and bias tuning after it: --after bn_tuning,bias_tuning).
+        after = tuple(s for s in args.after.split(",") if s)
+        config = QuantConfig(steps=("ranges", "allocate", *after), samples=args.samples, allocation=alloc, cache_dir=cache_dir)
         start = time.perf_counter()
         report = quantize(model, calib, config, eval_images=evals, float_logits=float_logits).report
         seconds = time.perf_counter() - start
@@ -90,14 +94,23 @@ def main(argv=None) -> int:
                                "versions": versions(), "rows": rows})
         return row
 
-    def uniform(experiment, p):
-        return run(experiment, f"uniform {precision_label(p)}", (p,), size_ratio=1.0)
+    def uniform(experiment, p):  # every allocated layer at p: p is the only candidate and the base
+        return run(experiment, f"uniform {precision_label(p)}", (p,), base=p, size_ratio=1.0)
 
     size_p = tuple(parse_precision(p) for p in args.size_precisions.split(","))
     bops_p = tuple(parse_precision(p) for p in args.bops_precisions.split(","))
     size_w4a8, _ = uniform_costs(model, calib[:1], (4, 8))
     _, bops_w4a4 = uniform_costs(model, calib[:1], (4, 4))
 
+    if args.uniform_only:
+        for p in dict.fromkeys(size_p + bops_p):
+            uniform("uniform", p)
+        return 0
+    if args.bops_only:
+        run("bops", "milp", bops_p, bops_ratio=bops_w4a4)
+        run("bops", "greedy", bops_p, bops_ratio=bops_w4a4, solver="greedy")
+        uniform("bops", (4, 4))
+        return 0
     first = run("size", "milp (cold cache)", size_p, size_ratio=size_w4a8)
     run("size", "greedy", size_p, size_ratio=size_w4a8, solver="greedy")
     second = run("size", "milp 0.9x budget", size_p, size_ratio=0.9 * size_w4a8)

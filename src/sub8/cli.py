@@ -12,7 +12,7 @@ import click
 import torch
 
 from .config import (ADAQUANT_MODES, LR_SCHEDULES, OUTPUT_LOSSES, SOLVERS, AdaQuantConfig, AllocationConfig,
-                     QuantConfig, parse_layer_bits)
+                     BiasTuningConfig, QuantConfig, parse_layer_bits)
 from .errors import Sub8Error
 from .quant.ranges import METHODS
 from .table import fmt_bits, metrics_line, table_header
@@ -76,10 +76,13 @@ def quant_options(fn):
         click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=AdaQuantConfig.lr_schedule,
                      show_default=True, help="AdaQuant learning rates: cosine decay to 0, or constant"),
         click.option("--holdout", default=AdaQuantConfig.holdout, show_default=True,
-                     help="share of calibration samples kept out of AdaQuant to measure it"),
+                     help="share of calibration samples kept out of AdaQuant and bias tuning to measure them"),
         click.option("--max-memory", default=AdaQuantConfig.max_memory_gb, show_default=True,
                      help="GB bound on AdaQuant's cached activations"),
         click.option("--cache-fp16", is_flag=True, help="cache AdaQuant activations in float16"),
+        click.option("--bias-iters", default=BiasTuningConfig.iters, show_default=True, help="bias tuning iterations"),
+        click.option("--bias-batch-size", default=BiasTuningConfig.batch_size, show_default=True),
+        click.option("--bias-lr", default=BiasTuningConfig.lr, show_default=True, help="bias tuning Adam rate"),
         click.option("--size-ratio", type=float, default=None,
                      help="bit allocation budget: weight memory / the float32 model's"),
         click.option("--bops-ratio", type=float, default=None,
@@ -126,6 +129,8 @@ def build_config(o: dict) -> QuantConfig:
         latency_ms=o["latency_ms"], latency_table=o["latency_table"], max_degradation=o["max_degradation"],
         ties=tuple(o["tie"]), solver=o["solver"],
         sensitivity_samples=o["sensitivity_samples"])
+    bias_tuning = BiasTuningConfig(iters=o["bias_iters"], batch_size=o["bias_batch_size"], lr=o["bias_lr"],
+                                   holdout=o["holdout"])
     extra = {} if o["cache_dir"] is None else {"cache_dir": o["cache_dir"]}
     if o["no_cache"]:
         extra["cache_dir"] = None
@@ -133,7 +138,8 @@ def build_config(o: dict) -> QuantConfig:
                        layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
                        w_symmetric=o["w_symmetric"], a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
                        steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
-                       output_loss=o["output_loss"], device=o["device"], adaquant=adaquant, allocation=allocation, **extra)
+                       output_loss=o["output_loss"], device=o["device"], adaquant=adaquant, allocation=allocation,
+                       bias_tuning=bias_tuning, **extra)
 
 
 @main.command()

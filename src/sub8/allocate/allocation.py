@@ -78,13 +78,55 @@ def problem_costs(costs: dict, const: dict, reference: dict) -> tuple[dict, dict
     return out, fixed
 
 
+def candidate_states(precisions: list[tuple], common: str, run_recipe, cache: DiskCache) -> dict:
+    """{precision: {layer: state}} after the recipe at each uniform precision (cached)."""
+    states = {}
+    for p in precisions:
+        key = fingerprint(common, p)
+        states[p] = cache.get("candidate", key)
+        if states[p] is None:
+            states[p] = layer_states(run_recipe(p))
+            cache.put("candidate", key, states[p])
+    return states
+
+
+def sensitivities(prepared: PreparedModel, layers: list[str], states: dict, base: tuple, sample: torch.Tensor,
+                  reference: torch.Tensor, config: QuantConfig, common: str, cache: DiskCache,
+                  show_progress: bool) -> tuple[float, dict]:
+    """(the base model's loss, {precision: {layer: loss}}), from the cache where it has them."""
+    from tqdm import tqdm
+
+    kind, batch = config.output_loss, config.forward_batch
+    cached = cache.get("sensitivity", fingerprint(common, base, kind))
+    if cached is None:
+        base_loss = model_loss(prepared.module, sample, reference, kind, batch)
+        cache.put("sensitivity", fingerprint(common, base, kind), {"base": base_loss})
+    else:
+        base_loss = cached["base"]
+    losses, todo = {base: dict.fromkeys(layers, base_loss)}, {}
+    for p in states:
+        if p != base:
+            got = cache.get("sensitivity", fingerprint(common, base, p, kind))
+            if got is not None and all(n in got for n in layers):
+                losses[p] = got
+            else:
+                todo[p] = states[p]
+    n_batches = -(-len(sample) // batch)
+    with tqdm(total=len(todo) * len(layers) * n_batches, desc="sensitivity", unit="layer-batch",
+              disable=not show_progress, leave=False) as bar:
+        fresh = measure(prepared.module, prepared.quant_layers(), layers, states[base], todo, sample, reference,
+                        kind, batch, bar)
+    for p, got in fresh.items():
+        cache.put("sensitivity", fingerprint(common, base, p, kind), got)
+        losses[p] = got
+    return base_loss, losses
+
+
 def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tensor, config: QuantConfig,
              recipe: tuple[str, ...], run_recipe, cache: DiskCache, show_progress: bool = True) -> dict:
     """Allocate bits to `prepared`'s layers (in place) and return the record for report.json.
     `run_recipe(precision)` returns a fresh PreparedModel at that uniform precision after the
     recipe's per-layer steps."""
-    from tqdm import tqdm
-
     cfg = config.allocation
     timings = {}
     base = tuple(cfg.base)
@@ -97,13 +139,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
                          str(config.device))
 
     start = time.perf_counter()
-    states = {}
-    for p in precisions:
-        key = fingerprint(common, p)
-        states[p] = cache.get("candidate", key)
-        if states[p] is None:
-            states[p] = layer_states(run_recipe(p))
-            cache.put("candidate", key, states[p])
+    states = candidate_states(precisions, common, run_recipe, cache)
     timings["candidates"] = time.perf_counter() - start
 
     order = [i.name for i in prepared.layers]
@@ -116,36 +152,12 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
         qlayers[n].load_state_dict(states[base][n])
 
     start = time.perf_counter()
-    device = config.device
     # The sensitivities' samples: the calibration set, or its first `sensitivity_samples`.
     sample = calib[:cfg.sensitivity_samples] if cfg.sensitivity_samples else calib
-    common = fingerprint(common, len(sample))
     with float_mode(prepared.reference) as float_module:
-        reference = predict(float_module, sample, config.forward_batch, device)
-    key = fingerprint(common, base, config.output_loss)
-    cached = cache.get("sensitivity", key)
-    if cached is None:
-        base_loss = model_loss(prepared.module, sample, reference, config.output_loss, config.forward_batch)
-        cache.put("sensitivity", key, {"base": base_loss})
-    else:
-        base_loss = cached["base"]
-    losses = {base: {n: base_loss for n in layers}}
-    todo = {}
-    for p in precisions[1:]:
-        got = cache.get("sensitivity", fingerprint(common, base, p, config.output_loss))
-        if got is not None and all(n in got for n in layers):
-            losses[p] = got
-        else:
-            todo[p] = states[p]
-    n_batches = -(-len(sample) // config.forward_batch)
-    with tqdm(total=len(todo) * len(layers) * n_batches, desc="sensitivity", unit="layer-batch",
-              disable=not show_progress,
-              leave=False) as bar:
-        fresh = measure(prepared.module, qlayers, layers, states[base], todo, sample, reference, config.output_loss,
-                        config.forward_batch, bar)
-    for p, got in fresh.items():
-        cache.put("sensitivity", fingerprint(common, base, p, config.output_loss), got)
-        losses[p] = got
+        reference = predict(float_module, sample, config.forward_batch, config.device)
+    base_loss, losses = sensitivities(prepared, layers, states, base, sample, reference, config,
+                                      fingerprint(common, len(sample)), cache, show_progress)
     timings["sensitivity"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -170,17 +182,16 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
     measured = model_loss(prepared.module, sample, reference, config.output_loss, config.forward_batch) - base_loss
 
     totals = {}
-    rows = np.arange(len(layers))
     for name, (cost, _) in BUDGETS.items():
         if cost in costs:
-            result = float(const[cost] + costs[cost][rows, choice].sum())
+            result = float(const[cost] + costs[cost][np.arange(len(layers)), choice].sum())
             totals[cost] = {"float": ref.get(cost), "result": result,
                             "ratio": result / ref[cost] if ref.get(cost) else None, "budget": budgets.get(name),
                             "budget_unit": name}
     return {"solver": "greedy" if cfg.solver == "greedy" and cfg.max_degradation is None else "milp",
             "loss": config.output_loss, "base": precision_label(base),
             "precisions": [precision_label(p) for p in precisions],
-            "budgets": {k: v for k, v in budgets.items()}, "max_degradation": cfg.max_degradation,
+            "budgets": dict(budgets), "max_degradation": cfg.max_degradation,
             "ties": [[layers[i] for i in g] for g in problem.ties],
             "choice": {n: precision_label(precisions[choice[i]]) for i, n in enumerate(layers)},
             "base_loss": base_loss, "predicted_degradation": problem.predicted(choice),
@@ -188,4 +199,3 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
             "cache": {"folder": cache.folder, "hits": len(cache.hits), "misses": len(cache.misses)},
             "sensitivity": {n: {precision_label(p): float(table[i, j]) for j, p in enumerate(precisions)}
                             for i, n in enumerate(layers)}}
-

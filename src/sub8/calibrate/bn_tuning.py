@@ -7,11 +7,17 @@ calibration images (with no quantization it is the identity). Its statistics are
 over the whole calibration set, not a momentum average. It is then folded back:
     y' = a * y + c,  a = std_float / std_quant,  c = mean_float - a * mean_quant  (per channel)
 which scales the layer's weights, bias and per-channel weight step by a: the integer codes are
-unchanged. Correcting a layer changes what the layers after it see, so the statistics are
-measured again after each pass of corrections (`passes`).
+unchanged. A channel that quantization has nearly flattened keeps its scale (see MIN_KEPT).
+Correcting a layer changes what the layers after it see: as a BatchNorm in training mode, each
+batch is corrected with its own statistics during the pass, so every layer's statistics are
+those it has once the layers before it are corrected. (Correcting all layers at once from
+uncorrected statistics compounds through the depth: on MobileNetV2 W4A8 it raised KL from
+4.3 to 7.8.)
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -19,22 +25,48 @@ from ..prepare import PreparedModel
 from ..quant.layers import QuantLayer, float_mode
 
 MIN_STD = 1e-6  # a channel that does not vary keeps its scale
+# A channel whose quantized output varies less than this share of the float one has lost its
+# signal (at W4A4 on MobileNetV2, many depthwise channels are nearly constant): scaling it up
+# would amplify what is left by 100x to 1000x. Such a channel gets its mean corrected only.
+MIN_KEPT = 0.5
+
+
+def affine_fix(wanted: tuple, seen: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (a, c) with a * seen + c matching the wanted mean and std."""
+    (mf, sf), (mq, sq) = wanted, seen
+    ok = (sq > MIN_STD) & (sf > MIN_STD) & (sq >= MIN_KEPT * sf)
+    a = torch.where(ok, sf / sq.clamp_min(MIN_STD), torch.ones_like(sq))
+    return a, mf - a * mq
 
 
 class ChannelStats:
-    """Per-channel mean and standard deviation of a layer's output over every sample seen."""
+    """Per-channel mean and standard deviation of a layer's output over every sample seen.
+
+    With `wanted` set (the float layer's statistics on the same batch), it also acts as a
+    re-inserted BatchNorm in training mode: the batch's output is mapped onto the wanted
+    statistics with its own, so the layers after it see corrected inputs within the same pass.
+    `last` holds the latest batch's statistics."""
 
     def __init__(self):
         self.total = self.squares = None
         self.count = 0
+        self.wanted = self.last = None
 
     @torch.no_grad()
-    def __call__(self, module, inputs, out) -> None:
+    def __call__(self, module, inputs, out):
         flat = out.detach().movedim(1, -1).reshape(-1, out.shape[1]).double()
         s, q = flat.sum(0), (flat * flat).sum(0)
         self.total = s if self.total is None else self.total + s
         self.squares = q if self.squares is None else self.squares + q
         self.count += flat.shape[0]
+        n = flat.shape[0]
+        mean = s / n
+        self.last = (mean, (q / n - mean * mean).clamp_min(0).sqrt())
+        if self.wanted is None:
+            return None
+        a, c = affine_fix(self.wanted, self.last)
+        shape = (1, -1) + (1,) * (out.dim() - 2)
+        return out * a.to(out.dtype).view(shape) + c.to(out.dtype).view(shape)
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = self.total / self.count
@@ -42,17 +74,23 @@ class ChannelStats:
         return mean, var.sqrt()
 
 
-@torch.no_grad()
-def channel_stats(module, layers: dict[str, QuantLayer], calib: torch.Tensor, batch: int) -> dict:
-    stats = {n: ChannelStats() for n in layers}
+@contextlib.contextmanager
+def hooked(layers: dict[str, QuantLayer], stats: dict[str, ChannelStats]):
     handles = [layers[n].register_forward_hook(stats[n]) for n in layers]
-    device = next(module.parameters()).device
     try:
-        for i in range(0, len(calib), batch):
-            module(calib[i:i + batch].to(device))
+        yield stats
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def channel_stats(module, layers: dict[str, QuantLayer], calib: torch.Tensor, batch: int) -> dict:
+    """{layer: (per-channel mean, std)} of the layers' outputs over `calib`."""
+    device = next(module.parameters()).device
+    with hooked(layers, {n: ChannelStats() for n in layers}) as stats:
+        for i in range(0, len(calib), batch):
+            module(calib[i:i + batch].to(device))
     return {n: s.mean_std() for n, s in stats.items()}
 
 
@@ -71,7 +109,7 @@ def rescale_channels(layer: QuantLayer, a: torch.Tensor, c: torch.Tensor) -> Non
 
 
 @torch.no_grad()
-def tune_batchnorm(prepared: PreparedModel, calib: torch.Tensor, batch_size: int = 32, passes: int = 2) -> dict:
+def tune_batchnorm(prepared: PreparedModel, calib: torch.Tensor, batch_size: int = 32) -> dict:
     """Apply BN tuning to every conv whose BatchNorm was folded. Returns the record for
     report.json: per layer, the largest relative change of a channel's scale and shift."""
     layers = prepared.quant_layers()
@@ -80,18 +118,23 @@ def tune_batchnorm(prepared: PreparedModel, calib: torch.Tensor, batch_size: int
         return {"layers": {}, "passes": 0}
     targets = {n: layers[n] for n in names}
     reference = {n: layer for n, layer in prepared.reference.named_modules() if n in targets}
-    with float_mode(prepared.reference):
-        wanted = channel_stats(prepared.reference, reference, calib, batch_size)
-    record = {n: {"max_scale_change": 0.0, "max_shift": 0.0} for n in names}
-    for _ in range(passes):
-        seen = channel_stats(prepared.module, targets, calib, batch_size)
-        for n in names:
-            (mf, sf), (mq, sq) = wanted[n], seen[n]
-            ok = (sq > MIN_STD) & (sf > MIN_STD)
-            a = torch.where(ok, sf / sq.clamp_min(MIN_STD), torch.ones_like(sq))
-            c = mf - a * mq
-            rescale_channels(targets[n], a, c)
-            r = record[n]
-            r["max_scale_change"] = max(r["max_scale_change"], (a - 1).abs().max().item())
-            r["max_shift"] = max(r["max_shift"], (c.abs() / sf.clamp_min(MIN_STD)).max().item())
-    return {"layers": record, "passes": passes}
+    device = next(prepared.module.parameters()).device
+    # Batch by batch: the float model's statistics on the batch, then the quantized model on the
+    # same batch, corrected on the fly toward them.
+    with float_mode(prepared.reference), hooked(reference, {n: ChannelStats() for n in names}) as floats, \
+            hooked(targets, {n: ChannelStats() for n in names}) as quants:
+        for i in range(0, len(calib), batch_size):
+            x = calib[i:i + batch_size].to(device)
+            prepared.reference(x)
+            for n in names:
+                quants[n].wanted = floats[n].last
+            prepared.module(x)
+    wanted = {n: s.mean_std() for n, s in floats.items()}
+    seen = {n: s.mean_std() for n, s in quants.items()}
+    record = {}
+    for n in names:
+        a, c = affine_fix(wanted[n], seen[n])
+        rescale_channels(targets[n], a, c)
+        record[n] = {"max_scale_change": (a - 1).abs().max().item(),
+                     "max_shift": (c.abs() / wanted[n][1].clamp_min(MIN_STD)).max().item()}
+    return {"layers": record}
