@@ -30,6 +30,7 @@ from ..heap import reuse_freed_memory
 from ..quant.layers import QuantLayer, StopForward, quant_layers, run_observed
 from ..resume import module_state
 from .adam import MultiTensorAdam
+from .split import holdout_split
 
 ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
 LR_SCALE = {"constant": lambda it, iters: 1.0,
@@ -264,17 +265,12 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
     acts = {n: ACTIVATIONS[followed[n]] for n in names}
     seeds = {n: seed * 100_003 + k for k, n in enumerate(i.name for i in prepared.layers)}
 
-    n = len(calib)
-    n_holdout = max(1, int(round(cfg.holdout * n)))
-    if n - n_holdout < 1:
-        raise Sub8Error(f"AdaQuant needs at least 2 calibration samples, got {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    train, held = order[n_holdout:], order[:n_holdout]
+    train, held = holdout_split(len(calib), cfg.holdout, seed, "AdaQuant")
 
     dtype = torch.float16 if cfg.cache_fp16 else torch.float32
     elem = 2 if cfg.cache_fp16 else 4
     budget = int(cfg.max_memory_gb * 2 ** 30)
-    cost = {k: v * n for k, v in per_sample_bytes(prepared, calib, elem).items()}
+    cost = {k: v * len(calib) for k, v in per_sample_bytes(prepared, calib, elem).items()}
     groups = plan_groups(names, cost, budget)  # also refuses a layer that alone exceeds the budget
     if cfg.mode == "sequential":  # each layer waits for the ones before it
         groups = [[k] for k in names]

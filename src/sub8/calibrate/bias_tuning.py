@@ -15,11 +15,11 @@ from dataclasses import asdict
 import torch
 
 from ..config import BiasTuningConfig
-from ..errors import Sub8Error
 from ..evaluate import output_loss, predict
 from ..prepare import PreparedModel
 from ..quant.layers import float_mode
 from .adam import MultiTensorAdam
+from .split import holdout_split
 
 
 def _mean_loss(kind, out, target) -> torch.Tensor:
@@ -33,12 +33,7 @@ def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningCon
     device = next(module.parameters()).device
     with float_mode(prepared.reference):
         target = predict(prepared.reference, calib, batch_size, str(device))
-    n = len(calib)
-    n_held = max(1, int(round(cfg.holdout * n)))
-    if n - n_held < 1:
-        raise Sub8Error(f"bias tuning needs at least 2 calibration samples, got {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    train, held = order[n_held:], order[:n_held]
+    train, held = holdout_split(len(calib), cfg.holdout, seed, "bias tuning")
 
     def held_loss() -> float:
         with torch.no_grad():
