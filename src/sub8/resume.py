@@ -21,7 +21,6 @@ class Checkpoints:
         self.run_key = fingerprint(tensor_digest(model.state_dict().values()), type(model).__qualname__,
                                    tensor_digest([calib]), config_dict)
         self.written: list[str] = []
-        self.resumed: list[str] = []
 
     def key(self, *parts) -> str:
         return fingerprint(self.run_key, *parts)
@@ -30,7 +29,6 @@ class Checkpoints:
         key = self.key(*parts)
         value = self.cache.get("checkpoint", key)
         if value is not None:
-            self.resumed.append("/".join(map(str, parts)))
             self.written.append(key)  # cleared with the rest when the run completes
         return value
 

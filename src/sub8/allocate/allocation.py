@@ -24,15 +24,14 @@ from ..errors import Sub8Error
 from ..evaluate import predict
 from ..prepare import PreparedModel
 from ..quant.layers import float_mode
+from ..resume import module_state
 from .costs import cost_tables, load_latency_table, precision_label
 from .sensitivity import measure, model_loss
 from .solve import Problem, greedy, minimize_cost, minimize_degradation
 
 
 def layer_states(prepared: PreparedModel) -> dict[str, dict]:
-    return {n: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v)
-                for k, v in layer.state_dict().items()}
-            for n, layer in prepared.quant_layers().items()}
+    return {n: module_state(layer) for n, layer in prepared.quant_layers().items()}
 
 
 def state_bits(state: dict) -> tuple:

@@ -18,9 +18,6 @@ from ..prepare import PreparedModel
 from ..quant.quantizer import parse_bits
 from ..size import FLOAT_BITS, layer_weight_bits, weight_bits
 
-COSTS = ("size", "bops", "latency")
-
-
 def precision_label(p: tuple) -> str:
     w, a = p
     return f"W{w or 'f'}A{a or 'f'}"
