@@ -43,9 +43,10 @@ def test_quantize_writes_report_and_loadable_model(image_dirs, tmp_path):
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in report["steps"])
     assert report["versions"]["torch"] == torch.__version__
     assert 0 < report["size"]["ratio"] < 0.5 and report["calibration"]["n_images"] == 8
-    # model.pt is a plain payload: it loads with weights_only=True and rebuilds the same model.
-    payload = torch.load(os.path.join(out, "model.pt"), weights_only=True)
-    assert payload["format"] == "sub8.model.pt"
+    # model.safetensors is the packed artifact; it rebuilds the same model.
+    from sub8.export.artifact import read_header
+    header, _ = read_header(os.path.join(out, "model.safetensors"))
+    assert header["format"] == "sub8.artifact" and header["model"] == "python:tinymodels:tiny"
     import sub8
     from sub8.data import load_images
     from tinymodels import tiny

@@ -151,11 +151,12 @@ def build_config(o: dict) -> QuantConfig:
 @click.option("--force", is_flag=True, help="replace an output folder that is not a sub8 run")
 @clean_errors
 def quantize(eval_dir, labels, out_dir, force, **opts):
-    """Quantize a model and write OUT/report.json and OUT/model.pt."""
+    """Quantize a model and write OUT/report.json and OUT/model.safetensors."""
     from .data import load_images
     from .pipeline import quantize as run_quantize
     from .report import REPORT, atomic_dir, check_output_dir, write_json
-    from .saving import save
+    from .export import save
+    from .export.artifact import artifact_size
     from .zoo import load_model
 
     check_output_dir(out_dir, force)
@@ -176,7 +177,8 @@ def quantize(eval_dir, labels, out_dir, force, **opts):
         report["evaluation"] = {"folder": os.path.abspath(eval_dir), "n_images": len(eval_set.paths),
                                 "skipped": len(eval_set.skipped), "labels": labels}
     with atomic_dir(out_dir) as tmp:
-        save(qmodel, tmp, opts["model_spec"], tuple(calib_set.images[:1].shape))
+        path = save(qmodel, tmp, opts["model_spec"], tuple(calib_set.images[:1].shape), repr(loaded.transform))
+        report["artifact"] = artifact_size(path, report["size"])
         write_json(os.path.join(tmp, REPORT), report)
     print_summary(report, out_dir)
 
@@ -236,6 +238,24 @@ def pareto(eval_dir, size_ratios, out_dir, force, **opts):
     click.echo(f"  wrote {os.path.join(out_dir, 'pareto.json')}, pareto.md and pareto.svg")
 
 
+@main.command("export")
+@click.argument("run_dir")
+@click.option("--onnx", "onnx_path", required=True, help="write the ONNX QDQ graph here (opset 21)")
+@clean_errors
+def export(run_dir, onnx_path):
+    """Export the quantized model of RUN_DIR (a `sub8 quantize` output folder)."""
+    from .export.onnx_qdq import export_onnx
+
+    record = export_onnx(run_dir, onnx_path)
+    kinds = collections.Counter(f"W:{v['weight'] or 'float'} A:{v['input'] or 'float'}"
+                                for v in record["layers"].values())
+    click.echo(f"wrote {record['path']} ({record['bytes'] / 2 ** 20:.2f} MiB, opset {record['opset']}, "
+               f"{len(record['layers'])} quantized layers, {record['integer_kernel_layers']} of them "
+               f"W8A8 with symmetric weights, which ONNX Runtime fuses into integer kernels)")
+    for kind, n in kinds.most_common():
+        click.echo(f"  {n:4d} x {kind}")
+
+
 def print_summary(report: dict, out_dir: str) -> None:
     c = report["config"]
     layers = report["layers"]
@@ -266,7 +286,7 @@ def print_summary(report: dict, out_dir: str) -> None:
         click.echo("  " + table_header(labelled))
         click.echo("  " + metrics_line("float", m["float"], 1.0))
         click.echo("  " + metrics_line("quantized", m["quantized"], report["size"]["ratio"]))
-    click.echo(f"  wrote {os.path.join(out_dir, 'report.json')} and {os.path.join(out_dir, 'model.pt')}")
+    click.echo(f"  wrote {os.path.join(out_dir, 'report.json')} and {os.path.join(out_dir, 'model.safetensors')}")
 
 
 @main.command()

