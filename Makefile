@@ -11,7 +11,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml requirements-dev.txt requirements-nodeps.txt
 	$(PIP) install -r requirements-dev.txt
-	$(PIP) install -e '.[zoo,test,export]'
+	$(PIP) install -e '.[zoo,test,export,text]'
 	$(PIP) install --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 

@@ -95,9 +95,10 @@ def quant_options(fn):
                      show_default=True, help="candidate precisions for bit allocation"),
         click.option("--base-bits", default="W8A8", show_default=True,
                      help="precision of the other layers while one layer's sensitivity is measured"),
-        click.option("--output-loss", type=click.Choice(OUTPUT_LOSSES), default="kl", show_default=True,
+        click.option("--output-loss", type=click.Choice(OUTPUT_LOSSES), default=None,
                      help="float vs quantized outputs, no labels (sensitivities, bias tuning): kl for "
-                          "classifiers, mse for feature extractors"),
+                          "classifiers (the default), mse for feature extractors (the default for "
+                          "sentence encoders)"),
         click.option("--tie", multiple=True, help="PAT1,PAT2,...: matching layers get one precision (repeatable)"),
         click.option("--sensitivity-samples", type=int, default=None,
                      help="measure sensitivities on the first N calibration samples [default: all]"),
@@ -144,40 +145,55 @@ def build_config(o: dict) -> QuantConfig:
 
 @main.command()
 @quant_options
-@click.option("--eval", "eval_dir", default=None, help="folder of evaluation images")
+@click.option("--eval", "eval_dir", default=None, help="evaluation images (a folder), or texts (a .csv/.jsonl file)")
 @click.option("--labels", type=click.Choice(["none", "folders"]), default="none",
               help="'folders': the eval folder's class sub-folders give labels")
+@click.option("--text-column", default="text", show_default=True, help="text models: the column that holds the text")
+@click.option("--label-column", default=None, help="text models: the evaluation file's label column")
+@click.option("--max-length", default=128, show_default=True, help="text models: tokens per text (longer ones are cut)")
 @click.option("--out", "out_dir", required=True, help="output folder")
 @click.option("--force", is_flag=True, help="replace an output folder that is not a sub8 run")
 @clean_errors
-def quantize(eval_dir, labels, out_dir, force, **opts):
+def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, force, **opts):
     """Quantize a model and write OUT/report.json and OUT/model.safetensors."""
     from .data import load_images
-    from .pipeline import quantize as run_quantize
-    from .report import REPORT, atomic_dir, check_output_dir, write_json
     from .export import save
     from .export.artifact import artifact_size
+    from .pipeline import quantize as run_quantize
+    from .report import REPORT, atomic_dir, check_output_dir, write_json
+    from .text.data import load_texts
     from .zoo import load_model
 
     check_output_dir(out_dir, force)
     config = build_config(opts)
     loaded = load_model(opts["model_spec"], opts["weights"])
-    calib_set = load_images(opts["calib"], loaded.transform, limit=config.samples, seed=config.seed,
-                            role="calibration")
-    eval_set = None
-    if eval_dir is not None:
-        eval_set = load_images(eval_dir, loaded.transform, seed=config.seed, labels=labels, role="evaluation")
-    qmodel = run_quantize(loaded.module, calib_set.images, config,
-                          eval_images=None if eval_set is None else eval_set.images,
+    if loaded.tokenizer is not None:  # a text model: --calib and --eval are text files
+        calib_set = load_texts(opts["calib"], loaded.tokenizer, text_column, None, max_length,
+                               limit=config.samples, seed=config.seed)
+        calib, skipped = calib_set.tokens, 0
+        eval_set = None if eval_dir is None else load_texts(eval_dir, loaded.tokenizer, text_column, label_column,
+                                                            max_length, seed=config.seed)
+        eval_data = None if eval_set is None else eval_set.tokens
+        labels = label_column or "none"
+    else:
+        calib_set = load_images(opts["calib"], loaded.transform, limit=config.samples, seed=config.seed,
+                                role="calibration")
+        calib, skipped = calib_set.images, len(calib_set.skipped)
+        eval_set = None
+        if eval_dir is not None:
+            eval_set = load_images(eval_dir, loaded.transform, seed=config.seed, labels=labels, role="evaluation")
+        eval_data = None if eval_set is None else eval_set.images
+    qmodel = run_quantize(loaded.module, calib, config, eval_images=eval_data,
                           eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"])
     report = qmodel.report
     report["model"] = {"spec": opts["model_spec"], "weights": opts["weights"]}
-    report["calibration"].update({"folder": os.path.abspath(opts["calib"]), "skipped": len(calib_set.skipped)})
+    report["calibration"].update({"folder": os.path.abspath(opts["calib"]), "skipped": skipped})
     if eval_set is not None:
-        report["evaluation"] = {"folder": os.path.abspath(eval_dir), "n_images": len(eval_set.paths),
-                                "skipped": len(eval_set.skipped), "labels": labels}
+        report["evaluation"] = {"folder": os.path.abspath(eval_dir), "n_images": len(eval_data),
+                                "skipped": len(getattr(eval_set, "skipped", [])), "labels": labels}
     with atomic_dir(out_dir) as tmp:
-        path = save(qmodel, tmp, opts["model_spec"], tuple(calib_set.images[:1].shape), repr(loaded.transform))
+        preprocessing = repr(loaded.transform if loaded.tokenizer is None else loaded.tokenizer)
+        path = save(qmodel, tmp, opts["model_spec"], (1,) + tuple(calib.shape[1:]), preprocessing)
         report["artifact"] = artifact_size(path, report["size"])
         write_json(os.path.join(tmp, REPORT), report)
     print_summary(report, out_dir)
@@ -278,7 +294,11 @@ def print_summary(report: dict, out_dir: str) -> None:
                 click.echo(f"  {cost['budget_unit']} {value:.6g} within budget {cost['budget']:.6g}")
     for step in report["steps"]:
         click.echo(f"  step {step['name']:<10} {step['seconds']:7.1f} s  peak RSS {step['peak_rss_mb']:7.0f} MB")
-    if "metrics" in report:
+    if "metrics" in report and "cosine_similarity" in report["metrics"]["quantized"]:
+        m = report["metrics"]["quantized"]
+        click.echo(f"  evaluated on {m['n_samples']} texts: float vs quantized embeddings, mean cosine "
+                   f"{m['cosine_similarity']:.4f}, relative MSE {m['relative_mse']:.4g}")
+    elif "metrics" in report:
         m = report["metrics"]
         labelled = "accuracy" in m["float"]
         click.echo(f"  evaluated on {m['float']['n_images']} images "

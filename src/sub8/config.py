@@ -116,8 +116,9 @@ class QuantConfig:
     samples: int = 256
     forward_batch: int = 32  # images per forward pass (calibration, evaluation)
     # The label-free loss between float and quantized outputs (sensitivities, bias tuning):
-    # kl of the softmax outputs (classifiers) or mse (feature extractors).
-    output_loss: str = "kl"
+    # kl of the softmax outputs (classifiers) or mse (feature extractors); None picks by the
+    # model's output (mse for a sentence encoder's embeddings, kl otherwise).
+    output_loss: str | None = None
     seed: int = 0
     device: str = "cpu"
     adaquant: AdaQuantConfig = field(default_factory=AdaQuantConfig)
@@ -149,7 +150,7 @@ class QuantConfig:
             raise Sub8Error(f"percentile must be in (50, 100], got {self.percentile}")
         if self.samples < 1:
             raise Sub8Error(f"samples must be at least 1, got {self.samples}")
-        if self.output_loss not in OUTPUT_LOSSES:
+        if self.output_loss is not None and self.output_loss not in OUTPUT_LOSSES:
             raise Sub8Error(f"output loss must be one of {', '.join(OUTPUT_LOSSES)}, got {self.output_loss!r}")
         if self.forward_batch < 1:
             raise Sub8Error(f"forward batch must be at least 1, got {self.forward_batch}")

@@ -20,13 +20,16 @@ def predict(module, images: torch.Tensor, batch_size: int = 32, device: str = "c
 
 
 def compare(float_logits: torch.Tensor, quant_logits: torch.Tensor,
-            labels: torch.Tensor | None = None) -> dict:
-    """Agreement of the quantized model's predictions with the float model's.
+            labels: torch.Tensor | None = None, output: str = "logits") -> dict:
+    """Agreement of the quantized model's predictions with the float model's (for sentence
+    embeddings, `output="embedding"`: see compare_embeddings).
 
     top1_agreement: same argmax; top5_agreement: the float argmax is in the quantized top 5;
     kl: mean KL(float || quantized) of the softmax outputs; the *_confident figure counts only
     images whose float top probability is at least CONFIDENT.
     """
+    if output == "embedding":
+        return compare_embeddings(float_logits, quant_logits)
     f_logp = F.log_softmax(float_logits.double(), dim=1)
     q_logp = F.log_softmax(quant_logits.double(), dim=1)
     f_top1 = float_logits.argmax(dim=1)
@@ -47,6 +50,15 @@ def compare(float_logits: torch.Tensor, quant_logits: torch.Tensor,
     if labels is not None:
         out["accuracy"] = (quant_logits.argmax(dim=1) == labels).double().mean().item()
     return out
+
+
+def compare_embeddings(float_emb: torch.Tensor, quant_emb: torch.Tensor) -> dict:
+    """cosine_similarity: mean cosine between each sample's float and quantized embedding;
+    relative_mse: squared error over the float embeddings' mean squared norm."""
+    f, q = float_emb.double(), quant_emb.double()
+    return {"n_samples": len(f),
+            "cosine_similarity": F.cosine_similarity(f, q, dim=1).mean().item(),
+            "relative_mse": ((f - q) ** 2).sum(1).mean().item() / (f ** 2).sum(1).mean().item()}
 
 
 def output_loss(kind: str, quant: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,8 @@ model + calibration data -> prepare -> steps -> evaluate. A new method is a new 
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ def step_adaquant_sequential(run: Run) -> dict:
     """Sequential AdaQuant whatever --adaquant says: after bit allocation it corrects the errors
     the chosen mix accumulates, layer after layer."""
     c = run.config
-    cfg = dataclasses.replace(c.adaquant, mode="sequential")
+    cfg = replace(c.adaquant, mode="sequential")
     return adaquant(run.prepared, run.calib.to(c.device), cfg, c.forward_batch, c.seed, checkpoints=_inside(run))
 
 
@@ -78,7 +77,7 @@ def step_allocate(run: Run) -> dict:
     c = run.config
 
     def run_recipe(precision) -> PreparedModel:
-        config = dataclasses.replace(c, w_bits=precision[0], a_bits=precision[1], steps=run.recipe)
+        config = replace(c, w_bits=precision[0], a_bits=precision[1], steps=run.recipe)
         prepared = prepare(run.model, run.calib[:1], config)
         sub = Run(config, prepared, run.calib)
         for name in run.recipe:
@@ -172,6 +171,9 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     An interrupted run with the same model, data and config resumes after its last finished
     step (or AdaQuant group) from `config.cache_dir`; `fresh=True` starts over."""
     config = config or QuantConfig()
+    output = getattr(model, "sub8_output", "logits")  # "embedding" for sentence encoders
+    if config.output_loss is None:
+        config = replace(config, output_loss="mse" if output == "embedding" else "kl")
     recipe, steps = split_recipe(config, pipeline_steps(config))
     calib = as_tensor(calib)
     torch.manual_seed(config.seed)
@@ -189,7 +191,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
 
         def evaluate() -> dict:
             quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
-            return compare(float_logits, quant_logits, eval_labels)
+            return compare(float_logits, quant_logits, eval_labels, output)
     records, metrics = {}, None
     eval_key = None if eval_images is None else tensor_digest([eval_images])
     for k, name in enumerate(steps):
@@ -218,5 +220,6 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
               "layers": [info.to_dict() for info in prepared.layers],
               "size": size_report(prepared), "steps": log.steps, **records}
     if metrics is not None:
-        report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels), "quantized": metrics}
+        report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels, output),
+                             "quantized": metrics}
     return QuantizedModel(prepared, report)

@@ -19,8 +19,8 @@ from .errors import Sub8Error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SPEC_FORMS = "zoo:mobilenet_v2, zoo:efficientnet_lite0, torchvision:NAME (with --weights PATH), " \
-             "python:package.module:callable"
+SPEC_FORMS = "zoo:mobilenet_v2, zoo:efficientnet_lite0, zoo:minilm, torchvision:NAME (with --weights PATH), " \
+             "hf:DIR (a local transformers checkpoint), python:package.module:callable"
 
 
 def imagenet_transform(size: int = 224, resize: int = 256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -33,7 +33,8 @@ def imagenet_transform(size: int = 224, resize: int = 256, mean=IMAGENET_MEAN, s
 class LoadedModel:
     spec: str
     module: nn.Module
-    transform: Callable  # PIL image -> CHW float tensor
+    transform: Callable | None  # PIL image -> CHW float tensor (image models)
+    tokenizer: object = None    # a transformers tokenizer (text models)
 
 
 def load_state_dict(path: str) -> dict:
@@ -102,7 +103,21 @@ def _efficientnet_lite0(weights: str | None, architecture_only: bool = False) ->
     return LoadedModel("zoo:efficientnet_lite0", model.eval(), transform)
 
 
-ZOO = {"mobilenet_v2": _mobilenet_v2, "efficientnet_lite0": _efficientnet_lite0}
+def _hf(spec: str, path: str, weights: str | None, architecture_only: bool) -> LoadedModel:
+    from .text.model import load_hf
+    module, tokenizer = load_hf(path, architecture_only)
+    if weights is not None and not architecture_only:
+        load_weights_into(module, weights)
+    return LoadedModel(spec, module, None, tokenizer)
+
+
+def _minilm(weights: str | None, architecture_only: bool = False) -> LoadedModel:
+    """The 6-layer MiniLM sentence encoder (all-MiniLM-L6-v2) with mean pooling."""
+    from .text.model import minilm_path
+    return _hf("zoo:minilm", minilm_path(), weights, architecture_only)
+
+
+ZOO = {"mobilenet_v2": _mobilenet_v2, "efficientnet_lite0": _efficientnet_lite0, "minilm": _minilm}
 
 
 def _torchvision(name: str, weights: str | None, architecture_only: bool = False) -> LoadedModel:
@@ -154,4 +169,6 @@ def load_model(spec: str, weights: str | None = None, architecture_only: bool = 
         return _torchvision(name, weights, architecture_only)
     if kind == "python":
         return _python(name, weights)
+    if kind == "hf":
+        return _hf(spec, name, weights, architecture_only)
     raise Sub8Error(f"unknown model spec {spec!r}; use one of: {SPEC_FORMS}")

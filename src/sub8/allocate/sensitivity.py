@@ -28,11 +28,14 @@ def model_loss(module, calib: torch.Tensor, reference: torch.Tensor, kind: str, 
 class SuffixRunner:
     """Runs a GraphModule on one batch once, keeping every node's value, then re-runs it from a
     given layer on: the nodes before that layer are taken from the recorded run. Measuring one
-    layer's sensitivity then costs the rest of the network, not all of it."""
+    layer's sensitivity then costs the rest of the network, not all of it. A model that is not
+    a GraphModule (a transformer) is simply run whole."""
 
-    def __init__(self, module: fx.GraphModule, x: torch.Tensor):
+    def __init__(self, module, x: torch.Tensor):
         self.module = module
         self.x = x
+        if not isinstance(module, fx.GraphModule):
+            return
         recorder = fx.Interpreter(module, garbage_collect_values=False)
         recorder.run(x)
         self.env = recorder.env
@@ -40,6 +43,8 @@ class SuffixRunner:
         self.position = {n.target: i for i, n in enumerate(self.nodes) if n.op == "call_module"}
 
     def from_layer(self, name: str) -> torch.Tensor:
+        if not isinstance(self.module, fx.GraphModule):
+            return self.module(self.x)
         before = self.nodes[:self.position[name]]
         return fx.Interpreter(self.module).run(self.x, initial_env={n: self.env[n] for n in before})
 

@@ -110,7 +110,8 @@ def per_sample_bytes(prepared: PreparedModel, example: torch.Tensor, elem: int) 
 
     def probe(layer, x):
         out = layer.apply(x, layer.layer.weight, layer.layer.bias)
-        sizes[name_of[id(layer)]] = (x[0].numel() + out[0].numel()) * elem
+        # (all of x: one sample's rows, which a text model hands over as tokens x features)
+        sizes[name_of[id(layer)]] = (x.numel() + out.numel()) * elem
 
     run_observed(prepared.module, {n: probe for n in layers}, example[:1], 1)
     return sizes

@@ -233,6 +233,9 @@ def _function_op(b: _Builder, node: fx.Node, env: dict) -> str:
 
 def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...]) -> tuple[object, dict]:
     """The ONNX model (dynamic batch) and, per quantized layer, how its weight and input are stored."""
+    if not isinstance(module, fx.GraphModule):
+        raise Sub8Error("ONNX export translates traced (torch.fx) models; this model was quantized "
+                        "without a graph (a transformer), which the exporter does not handle yet")
     b = _Builder()
     env, inputs, outputs = {}, [], []
     device = next(module.parameters()).device

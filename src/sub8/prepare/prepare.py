@@ -20,12 +20,12 @@ from .graph import LayerInfo, analyze, capture
 class PreparedModel:
     """A BN-folded copy of the user's model whose Conv2d/Linear layers are QuantLayers."""
 
-    module: fx.GraphModule
+    module: nn.Module  # an fx.GraphModule, or the model itself when it does not trace
     layers: list[LayerInfo]
     float_params: int  # parameters of the user's (unfolded) float model
     # An untouched copy of `module` as prepared: steps that move the float weights (AdaQuant)
     # leave it alone, so later steps still see the exact (BN-folded) float model.
-    reference: fx.GraphModule
+    reference: nn.Module
 
     def quant_layers(self) -> dict[str, QuantLayer]:
         return quant_layers(self.module)
@@ -56,19 +56,51 @@ def assign_bits(layers: list[LayerInfo], config: QuantConfig) -> None:
                         f"layers are named like {layers[0].name!r}")
 
 
+def module_layers(module: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
+    """The layer table of a model that is not traced (`sub8_traceable = False`, e.g. a
+    transformer): every Linear, in registration order, with no graph facts (producers, the
+    activation after it); the activations between them stay in float."""
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    macs: dict[str, int] = {}
+
+    def hook(name):
+        def fn(m, inputs, out):
+            macs[name] = out.numel() // out.shape[0] * m.in_features
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return [LayerInfo(name=name, kind="linear", params=m.weight.numel() + (m.bias.numel() if m.bias is not None else 0),
+                      macs=macs.get(name, 0)) for name, m in linears.items() if name in macs]
+
+
 def prepare(model: nn.Module, example: torch.Tensor, config: QuantConfig) -> PreparedModel:
     """Return a quantizable copy of `model`; `model` itself is left untouched."""
     float_params = sum(p.numel() for p in model.parameters())
+    if not getattr(model, "sub8_traceable", True):
+        module = copy.deepcopy(model).cpu().eval()
+        layers = module_layers(module, example.cpu())
+        return _wrap(module, layers, float_params, config)
     gm = capture(copy.deepcopy(model).cpu())
     folded = fold_batchnorm(gm)
     layers = analyze(gm, example.cpu(), folded)
+    return _wrap(gm, layers, float_params, config)
+
+
+def _wrap(module: nn.Module, layers: list[LayerInfo], float_params: int, config: QuantConfig) -> PreparedModel:
     if not layers:
         raise Sub8Error("the model has no Conv2d or Linear layer to quantize")
     assign_bits(layers, config)
     for info in layers:
-        wrapper = QuantLayer(gm.get_submodule(info.name), info.w_bits, info.a_bits,
+        wrapper = QuantLayer(module.get_submodule(info.name), info.w_bits, info.a_bits,
                              w_symmetric=config.w_symmetric, a_symmetric=config.a_symmetric)
-        gm.set_submodule(info.name, wrapper)
-    gm.recompile()
-    gm = gm.to(config.device).eval()
-    return PreparedModel(module=gm, layers=layers, float_params=float_params, reference=copy.deepcopy(gm))
+        module.set_submodule(info.name, wrapper)
+    if isinstance(module, fx.GraphModule):
+        module.recompile()
+    module = module.to(config.device).eval()
+    return PreparedModel(module=module, layers=layers, float_params=float_params, reference=copy.deepcopy(module))

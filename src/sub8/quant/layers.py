@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantizer import Quantizer
+from .token_mask import real_tokens
 
 
 class QuantLayer(nn.Module):
@@ -16,7 +17,7 @@ class QuantLayer(nn.Module):
 
     The float weight and bias stay in `layer`; `weight_quantizer` is per output channel,
     `input_quantizer` per tensor. An optional `observer(layer, x)` sees each input before it is
-    quantized (range calibration, bias correction).
+    quantized (range calibration, bias correction); in a text model, only its real tokens.
     """
 
     def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None,
@@ -57,7 +58,7 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
-            self.observer(self, x)
+            self.observer(self, real_tokens(x))
         return self.apply(self.input_quantizer(x), self.quantized_weight(), self.layer.bias)
 
     def extra_repr(self) -> str:

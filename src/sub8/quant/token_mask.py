@@ -1,0 +1,35 @@
+"""Which positions of a token sequence are real: padding must not count in range statistics
+or reconstruction losses (it would dominate short sentences).
+
+A text model's forward sets the mask of its batch (`token_mask(mask)`); a quantized layer then
+hands its observers only the real tokens' rows (`real_tokens(x)`), so range calibration, bias
+correction and AdaQuant's cached inputs all see N_tokens x features, never a padded position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+
+_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("sub8_token_mask", default=None)
+
+
+@contextlib.contextmanager
+def token_mask(mask: torch.Tensor):
+    """Within this block, `mask` (batch x sequence, True for real tokens) describes the batch."""
+    handle = _MASK.set(mask.bool())
+    try:
+        yield
+    finally:
+        _MASK.reset(handle)
+
+
+def real_tokens(x: torch.Tensor) -> torch.Tensor:
+    """x's rows at real tokens (N_tokens x features) when x is batch x sequence x features under
+    a token mask; x unchanged otherwise."""
+    mask = _MASK.get()
+    if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(x.device)]

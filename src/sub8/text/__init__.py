@@ -1,0 +1,1 @@
+"""Text models (Hugging Face transformer encoders and classifiers) and text data."""

