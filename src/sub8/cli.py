@@ -267,7 +267,7 @@ def export(run_dir, onnx_path):
                                 for v in record["layers"].values())
     click.echo(f"wrote {record['path']} ({record['bytes'] / 2 ** 20:.2f} MiB, opset {record['opset']}, "
                f"{len(record['layers'])} quantized layers, {record['integer_kernel_layers']} of them "
-               f"W8A8 with symmetric weights, which ONNX Runtime fuses into integer kernels)")
+               f"W8A8 convolutions with symmetric weights, which ONNX Runtime fuses into integer kernels)")
     for kind, n in kinds.most_common():
         click.echo(f"  {n:4d} x {kind}")
 

@@ -27,7 +27,10 @@ as sub8's own outputs move when the batch size changes).
 
 from __future__ import annotations
 
+import json
 import operator
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -35,7 +38,9 @@ from torch import fx, nn
 
 from ..errors import Sub8Error
 from ..quant.layers import QuantLayer
-from ..quant.quantizer import Quantizer, grid
+from ..quant.quantizer import Quantizer
+from ..report import REPORT, write_bytes_atomic, write_json
+from .artifact import load
 
 OPSET = 21
 # ONNX element types (signed, unsigned) per bit-width, for weights and for activations.
@@ -50,6 +55,13 @@ def _onnx():
     except ImportError:
         raise Sub8Error("ONNX export needs the 'export' extra: pip install 'sub8[export]'") from None
     return onnx, TensorProto, helper
+
+
+def integer_conv(layer: QuantLayer) -> bool:
+    """A layer that ONNX Runtime runs on its integer QLinearConv: a W8A8 conv with symmetric
+    weights (per-channel zero points send QLinearConv to a path about 50x slower than float)."""
+    return (isinstance(layer.layer, nn.Conv2d) and layer.w_bits == 8 and layer.a_bits == 8
+            and layer.weight_quantizer.symmetric)
 
 
 class _Builder:
@@ -140,7 +152,7 @@ class _Builder:
             return self.op("Add", [y, self.const(f"{hint}_bias", bias_array)], f"{hint}_out")
         w = self.weight(layer, hint, transpose=False)
         attrs = _conv_attributes(name, inner)
-        if layer.w_bits == 8 and layer.a_bits == 8 and layer.weight_quantizer.symmetric:
+        if integer_conv(layer):
             # ONNX Runtime turns this bias into int32 at step_x * step_w so that DQ -> Conv -> Q
             # fuses into its QLinearConv; at 8 bits that step is thousands of times finer than
             # an output step.
@@ -272,27 +284,18 @@ def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...]) -> tuple[objec
 def export_onnx(run_dir: str, onnx_path: str) -> dict:
     """Write the ONNX QDQ graph of the artifact in run_dir to onnx_path (atomically) and record
     how each layer is stored in run_dir/report.json's "export" entry."""
-    import json
-    import os
-    import warnings
-
-    from ..report import REPORT, write_bytes_atomic, write_json
-    from .artifact import load
-
     qmodel = load(run_dir)
     header = qmodel.report["artifact"]
     model, storage = to_onnx(qmodel.module, tuple(header["input_shape"]))
     write_bytes_atomic(onnx_path, model.SerializeToString())
-    slow = [name for name, layer in qmodel.prepared.quant_layers().items()
-            if layer.w_bits == 8 and layer.a_bits == 8 and not layer.weight_quantizer.symmetric]
-    if slow:
-        warnings.warn(f"{len(slow)} W8A8 layers have per-channel weight zero points: ONNX Runtime runs them "
+    layers = qmodel.prepared.quant_layers().values()
+    asymmetric = sum(1 for layer in layers if layer.w_bits == 8 and layer.a_bits == 8
+                     and not layer.weight_quantizer.symmetric)
+    if asymmetric:
+        warnings.warn(f"{asymmetric} W8A8 layers have per-channel weight zero points: ONNX Runtime runs them "
                       f"as float convolutions (quantize with --w-symmetric for its integer kernels)")
     record = {"path": os.path.abspath(onnx_path), "opset": OPSET, "bytes": os.path.getsize(onnx_path),
-              "layers": storage,
-              "integer_kernel_layers": sum(1 for layer in qmodel.prepared.quant_layers().values()
-                                           if layer.w_bits == 8 and layer.a_bits == 8
-                                           and layer.weight_quantizer.symmetric)}
+              "layers": storage, "integer_kernel_layers": sum(map(integer_conv, layers))}
     report_path = os.path.join(run_dir, REPORT)
     if os.path.exists(report_path):
         with open(report_path) as fh:
