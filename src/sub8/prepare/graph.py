@@ -104,11 +104,9 @@ def quantizable_nodes(gm: fx.GraphModule) -> list[fx.Node]:
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), QUANTIZABLE)]
 
 
-def analyze(gm: fx.GraphModule, example: torch.Tensor, folded: list[str]) -> list[LayerInfo]:
-    """The layer table of a float (BN-folded) GraphModule; `example` is one input batch."""
-    nodes = quantizable_nodes(gm)
-    names = {n.target for n in nodes}
-
+def count_macs(module: nn.Module, names, example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per sample of the named Conv2d/Linear layers, on one example batch
+    (layers that do not run are absent)."""
     macs: dict[str, int] = {}
 
     def hook(name):
@@ -117,13 +115,21 @@ def analyze(gm: fx.GraphModule, example: torch.Tensor, folded: list[str]) -> lis
             macs[name] = macs.get(name, 0) + out.numel() // out.shape[0] * per_out
         return fn
 
-    handles = [gm.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    handles = [module.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
         with torch.no_grad():
-            gm(example)
+            module(example)
     finally:
         for h in handles:
             h.remove()
+    return macs
+
+
+def analyze(gm: fx.GraphModule, example: torch.Tensor, folded: list[str]) -> list[LayerInfo]:
+    """The layer table of a float (BN-folded) GraphModule; `example` is one input batch."""
+    nodes = quantizable_nodes(gm)
+    names = {n.target for n in nodes}
+    macs = count_macs(gm, names, example)
 
     def producers(node: fx.Node) -> list[str]:
         seen, found, stack = set(), [], _flat_nodes(node.args)

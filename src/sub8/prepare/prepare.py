@@ -13,7 +13,7 @@ from ..config import QuantConfig
 from ..errors import Sub8Error
 from ..quant.layers import QuantLayer, quant_layers
 from .fold import fold_batchnorm
-from .graph import LayerInfo, analyze, capture
+from .graph import LayerInfo, analyze, capture, count_macs
 
 
 @dataclass
@@ -61,20 +61,7 @@ def module_layers(module: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
     transformer): every Linear, in registration order, with no graph facts (producers, the
     activation after it); the activations between them stay in float."""
     linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
-    macs: dict[str, int] = {}
-
-    def hook(name):
-        def fn(m, inputs, out):
-            macs[name] = out.numel() // out.shape[0] * m.in_features
-        return fn
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
-    try:
-        with torch.no_grad():
-            module(example)
-    finally:
-        for h in handles:
-            h.remove()
+    macs = count_macs(module, linears, example)
     return [LayerInfo(name=name, kind="linear", params=m.weight.numel() + (m.bias.numel() if m.bias is not None else 0),
                       macs=macs.get(name, 0)) for name, m in linears.items() if name in macs]
 
