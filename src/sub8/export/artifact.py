@@ -1,7 +1,7 @@
 """DIR/model.safetensors: the deployable artifact (format spec: docs/artifact-format.md).
 
 Each quantized layer's weight is stored as integer codes packed at its bit-width with its
-per-channel steps and zero points; biases, float layers and every other tensor stay float32.
+per-channel steps and zero points; biases and float layers are float32, every other tensor keeps its dtype.
 A JSON header (safetensors metadata key "sub8") says how to read each layer and how to rebuild
 the model. Loading reproduces the saved model's outputs bit for bit: the weight is rebuilt as
 (code - zero) * step, which its quantizer maps back onto the same code.
