@@ -159,3 +159,28 @@ def test_minilm_w8a8_embeddings_stay_close_and_reload_exactly(tmp_path, tweets):
     again = sub8.quantize(lm.module, load_texts(calib, lm.tokenizer).tokens, sub8.QuantConfig(w_bits=8, a_bits=8))
     with torch.no_grad():
         assert torch.equal(loaded(x), again(x))
+
+
+def test_hf_folder_sequence_classifier_gives_logits_and_accuracy(tmp_path, minilm):
+    """hf:DIR with a *ForSequenceClassification config is a classifier: logits, agreement, accuracy."""
+    from sub8.text.data import load_texts
+    from sub8.text.model import SequenceClassifier
+    from sub8.zoo import load_model
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=minilm.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64, num_labels=3,
+                                     architectures=["BertForSequenceClassification"])
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    minilm.tokenizer.save_pretrained(tmp_path / "clf")
+    loaded = load_model(f"hf:{tmp_path / 'clf'}")
+    assert isinstance(loaded.module, SequenceClassifier)
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": s, "label": ["negative", "neutral", "positive"][i % 3]}) + "\n"
+                            for i, s in enumerate(SENTENCES)))
+    texts = load_texts(str(data), loaded.tokenizer, label_column="label")
+    q = sub8.quantize(loaded.module, texts.tokens, sub8.QuantConfig(w_bits=8, a_bits=8),
+                      eval_images=texts.tokens, eval_labels=texts.labels)
+    m = q.report["metrics"]["quantized"]
+    assert q.report["config"]["output_loss"] == "kl"
+    assert {"top1_agreement", "kl", "accuracy"} <= set(m) and m["n_images"] == 6
+    assert len(q.report["layers"]) == 14  # 2 x 6 encoder Linears, the pooler's dense, the classifier
