@@ -170,7 +170,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, f
     if loaded.tokenizer is not None:  # a text model: --calib and --eval are text files
         calib_set = load_texts(opts["calib"], loaded.tokenizer, text_column, None, max_length,
                                limit=config.samples, seed=config.seed)
-        calib, skipped = calib_set.tokens, 0
+        calib, skipped, eval_skipped = calib_set.tokens, 0, 0
         eval_set = None if eval_dir is None else load_texts(eval_dir, loaded.tokenizer, text_column, label_column,
                                                             max_length, seed=config.seed)
         eval_data = None if eval_set is None else eval_set.tokens
@@ -183,6 +183,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, f
         if eval_dir is not None:
             eval_set = load_images(eval_dir, loaded.transform, seed=config.seed, labels=labels, role="evaluation")
         eval_data = None if eval_set is None else eval_set.images
+        eval_skipped = 0 if eval_set is None else len(eval_set.skipped)
     qmodel = run_quantize(loaded.module, calib, config, eval_images=eval_data,
                           eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"])
     report = qmodel.report
@@ -190,7 +191,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, f
     report["calibration"].update({"folder": os.path.abspath(opts["calib"]), "skipped": skipped})
     if eval_set is not None:
         report["evaluation"] = {"folder": os.path.abspath(eval_dir), "n_images": len(eval_data),
-                                "skipped": len(getattr(eval_set, "skipped", [])), "labels": labels}
+                                "skipped": eval_skipped, "labels": labels}
     with atomic_dir(out_dir) as tmp:
         preprocessing = repr(loaded.transform if loaded.tokenizer is None else loaded.tokenizer)
         path = save(qmodel, tmp, opts["model_spec"], (1,) + tuple(calib.shape[1:]), preprocessing)

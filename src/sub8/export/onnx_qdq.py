@@ -289,10 +289,10 @@ def export_onnx(run_dir: str, onnx_path: str) -> dict:
     model, storage = to_onnx(qmodel.module, tuple(header["input_shape"]))
     write_bytes_atomic(onnx_path, model.SerializeToString())
     layers = qmodel.prepared.quant_layers().values()
-    asymmetric = sum(1 for layer in layers if layer.w_bits == 8 and layer.a_bits == 8
-                     and not layer.weight_quantizer.symmetric)
+    asymmetric = sum(1 for layer in layers if isinstance(layer.layer, nn.Conv2d) and layer.w_bits == 8
+                     and layer.a_bits == 8 and not layer.weight_quantizer.symmetric)
     if asymmetric:
-        warnings.warn(f"{asymmetric} W8A8 layers have per-channel weight zero points: ONNX Runtime runs them "
+        warnings.warn(f"{asymmetric} W8A8 convolutions have per-channel weight zero points: ONNX Runtime runs them "
                       f"as float convolutions (quantize with --w-symmetric for its integer kernels)")
     record = {"path": os.path.abspath(onnx_path), "opset": OPSET, "bytes": os.path.getsize(onnx_path),
               "layers": storage, "integer_kernel_layers": sum(map(integer_conv, layers))}
