@@ -1,5 +1,6 @@
 """The packed artifact (model.safetensors) and the ONNX QDQ export."""
 
+import copy
 import json
 import os
 
@@ -214,15 +215,23 @@ def test_mobilenet_v2_w8a8_onnx_runtime_agrees_with_sub8(mobilenet_photos, w_sym
     out = _onnx_outputs(to_onnx(qm.module, (1, 3, 224, 224))[0], evals)
     with torch.no_grad():
         ref = qm(evals).numpy()
+        ref64 = copy.deepcopy(qm.module).double()(evals.double()).numpy()
     span = ref.max() - ref.min()
     top2 = np.sort(ref, 1)[:, -2:]
     flipped = out.argmax(1) != ref.argmax(1)
-    print(f"ONNX Runtime vs sub8: top-1 agreement {1 - flipped.mean():.3f}, "
-          f"max error {np.abs(out - ref).max() / span:.4f} of the logit range")
-    # Float noise (summation order, x/s vs x*(1/s)) flips a code here and there and the depth
-    # amplifies it; the flipped photos are near-ties (top-2 gap). Measured on the 70 photos:
-    # agreement 0.914 (asymmetric weights) and 0.943 (symmetric), max error 0.041 and 0.044 of
-    # the range; sub8 against itself at batch 1 vs batch 70: 0.971 and 0.957, 0.029 and 0.031.
-    assert 1 - flipped.mean() >= 0.88
-    assert np.abs(out - ref).max() <= 0.06 * span
+    own_agreement = (ref64.argmax(1) == ref.argmax(1)).mean()
+    own_error = np.abs(ref64 - ref).max() / span
+    print(f"ONNX Runtime vs sub8: top-1 agreement {1 - flipped.mean():.3f}, max error "
+          f"{np.abs(out - ref).max() / span:.4f} of the logit range; sub8 float32 vs float64: "
+          f"{own_agreement:.3f}, {own_error:.4f}")
+    # The quantized network is chaotic under float rounding: a code that flips (a value within a
+    # rounding error of a half-integer) moves the next layer's inputs by a step, which flips more
+    # codes there, so the flips grow layer by layer (8 photos, float32 vs float64: 6e-6 of the
+    # codes differ at the second conv's input, 0.3 by the tenth block, 0.88 at the last conv's).
+    # So no other arithmetic can agree with sub8's on every near-tie photo, not even sub8's own
+    # in float64: the bar is to be as close to sub8 as sub8 in float64 is. Measured on the 70
+    # photos: ONNX Runtime 0.914/0.041 (asymmetric weights), 0.943/0.044 (symmetric);
+    # float64 0.914/0.040 and 0.929/0.039.
+    assert 1 - flipped.mean() >= own_agreement - 0.04
+    assert np.abs(out - ref).max() <= 1.5 * own_error * span
     assert ((top2[:, 1] - top2[:, 0])[flipped] <= 0.015 * span).all()  # measured: at most 0.011
