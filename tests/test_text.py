@@ -53,7 +53,9 @@ def test_padding_changes_neither_embeddings_nor_ranges_nor_reconstruction_inputs
         for name, (lo, hi) in calibrate_ranges(prepared, x, "minmax", batch_size=1).items():
             lo0, hi0 = seen_alone.get(name, (lo, hi))
             seen_alone[name] = (min(lo, lo0), max(hi, hi0))
-    assert seen_padded.keys() == seen_alone.keys() and len(seen_padded) == 12
+    # 12 Linear inputs and, in each of the 2 attention modules, queries, keys, probabilities, values
+    assert seen_padded.keys() == seen_alone.keys() and len(seen_padded) == 12 + 2 * 4
+    assert seen_padded["model.encoder.layer.0.attention.self.sub8_attention.probs"][1] == 1.0  # the 1-token sentence
     for name, (lo, hi) in seen_padded.items():
         assert lo == pytest.approx(seen_alone[name][0], abs=1e-5), name
         assert hi == pytest.approx(seen_alone[name][1], abs=1e-5), name
@@ -72,7 +74,64 @@ def test_padding_changes_neither_embeddings_nor_ranges_nor_reconstruction_inputs
     with torch.no_grad():
         loss_a = ((layer(a) - layer.layer(a)) ** 2).mean()
         loss_b = ((layer(b) - layer.layer(b)) ** 2).mean()
+        # and the quantized model (attention operands included) embeds each sentence alike
+        quantized = prepared.module(padded), torch.cat([prepared.module(x) for x in alone])
     assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-4)
+    assert torch.allclose(*quantized, atol=1e-5)
+
+
+def _grid64(x, quantizer):
+    """x onto a quantizer's grid, computed in float64 from its step and zero point."""
+    s, z = quantizer.step.double(), torch.round(quantizer.zero_point.double())
+    return (torch.clamp(torch.round(x.double() / s) + z, quantizer.qmin, quantizer.qmax) - z) * s
+
+
+def test_quantized_attention_matches_a_float64_computation():
+    """One attention module's output against an independent computation: each operand put on
+    its calibrated grid in float64, eager attention with the additive padding mask."""
+    model = tiny_encoder()
+    x = tokens([3, 17, 9, 1, 12, 6], seed=1)
+    qm = sub8.quantize(model, x, sub8.QuantConfig(w_bits=4, a_bits=4))
+    assert qm.report["attention"] == {"modules": 2, "bits": 4, "operands": ["query", "key", "probs", "value"]}
+    attn = qm.module.get_submodule("model.encoder.layer.1.attention.self")
+    seen = {}
+    attn.register_forward_hook(lambda m, args, kwargs, out: seen.update(h=args[0], mask=kwargs.get("attention_mask"),
+                                                                        out=out[0]), with_kwargs=True)
+    with torch.no_grad():
+        qm(x)
+        h, out = seen["h"], seen["out"]
+        heads = lambda t: t.view(*t.shape[:2], 2, 16).transpose(1, 2)  # noqa: E731
+        q, k, v = (heads(getattr(attn, n)(h)) for n in ("query", "key", "value"))
+    sites = attn.sub8_attention
+    q, k, v = (_grid64(t, getattr(sites, n).input_quantizer) for t, n in ((q, "query"), (k, "key"), (v, "value")))
+    real = x[:, 1, :17].bool()
+    scores = q @ k.transpose(2, 3) / 4.0 + torch.where(real, 0.0, -torch.inf)[:, None, None, :].double()
+    probs = _grid64(torch.softmax(scores, -1), sites.probs.input_quantizer)
+    ref = (probs @ v).transpose(1, 2).reshape(out.shape)
+    close = (out.double() - ref).abs() <= 1e-5
+    # float32 vs float64 may round a value that sits on a half-step differently: rare, and one step
+    assert close.double().mean() >= 0.999, close.double().mean()
+    assert (out.double() - ref).abs().max() <= sites.probs.input_quantizer.step.item() * v.abs().max() + 1e-5
+    # 4-bit probabilities are coarse: the grid (a step near 1/15) sends small ones to exactly 0
+    assert (probs == 0).any() and sites.probs.input_quantizer.step.item() <= 1 / 15 + 1e-6
+
+
+def test_embedding_tables_are_quantized_per_row_and_looked_up_exactly():
+    model = tiny_encoder()
+    x = tokens([5, 9, 2])
+    qm = sub8.quantize(model, x, sub8.QuantConfig(w_bits=8, a_bits=8, embedding_bits=4))
+    table = qm.module.get_submodule("model.embeddings.word_embeddings")
+    assert qm.report["embeddings"]["model.embeddings.word_embeddings"] == {"bits": 4, "shape": [64, 32]}
+    ids = x[:, 0].long()
+    with torch.no_grad():
+        whole = table.weight_quantizer(table.layer.weight)  # the whole table on its per-row grids
+        assert torch.equal(table(ids), whole[ids])
+        assert (whole - table.layer.weight).norm() <= 0.15 * table.layer.weight.norm()
+        assert len(torch.unique(whole[7])) <= 16
+    off = sub8.quantize(model, x, sub8.QuantConfig(w_bits=8, a_bits=8, embedding_bits="float",
+                                                   quantize_attention=False))
+    assert off.report["embeddings"] == {} and off.report["attention"]["modules"] == 0
+    assert off.report["size"]["weight_bits"] > qm.report["size"]["weight_bits"]
 
 
 # -- text files ---------------------------------------------------------------------------------

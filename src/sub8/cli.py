@@ -50,6 +50,11 @@ def quant_options(fn):
         click.option("--w-bits", default="4", show_default=True, help="weight bits 2..8 or float"),
         click.option("--a-bits", default="4", show_default=True, help="activation bits 2..8 or float"),
         click.option("--first-last-bits", default="8", show_default=True, help="bits of the first and last layer"),
+        click.option("--embedding-bits", default="8", show_default=True,
+                     help="bits of embedding tables (per-row grids) or float"),
+        click.option("--attention/--no-attention", "quantize_attention", default=True, show_default=True,
+                     help="quantize attention's matrix-product operands (queries, keys, softmax "
+                          "probabilities, values) at --a-bits in transformers models"),
         click.option("--layer-bits", multiple=True, help="PATTERN=W[,A] per-layer bits by name pattern (repeatable)"),
         click.option("--pipeline", default="rtn", show_default=True,
                      help="rtn, adaquant (ranges then AdaQuant), light or advanced (bit allocation)"),
@@ -136,6 +141,7 @@ def build_config(o: dict) -> QuantConfig:
     if o["no_cache"]:
         extra["cache_dir"] = None
     return QuantConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], first_last_bits=o["first_last_bits"],
+                       embedding_bits=o["embedding_bits"], quantize_attention=o["quantize_attention"],
                        layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
                        w_symmetric=o["w_symmetric"], a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
                        steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
@@ -282,6 +288,11 @@ def print_summary(report: dict, out_dir: str) -> None:
     click.echo(f"  {len(layers)} layers quantized on {report['calibration']['n_images']} calibration images;"
                f" weight size {report['size']['weight_bits'] / 8e6:.2f} MB"
                f" ({100 * report['size']['ratio']:.1f}% of float32)")
+    tables, attention = report.get("embeddings", {}), report.get("attention", {})
+    if tables or attention.get("modules"):
+        click.echo(f"  also quantized: {len(tables)} embedding tables at {fmt_bits(c['embedding_bits'])} bits; "
+                   f"attention operands (query, key, probs, value) in {attention.get('modules', 0)} modules "
+                   f"at {fmt_bits(attention.get('bits'))} bits")
     if "allocate" in report:
         a = report["allocate"]
         chosen = collections.Counter(a["choice"].values())

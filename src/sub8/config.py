@@ -107,6 +107,11 @@ class QuantConfig:
     first_last_bits: int | None = 8
     # fnmatch pattern on layer names -> (w_bits, a_bits); applied after first/last, in order.
     layer_bits: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
+    # Embedding tables' weights (per-row grids); None keeps them in float.
+    embedding_bits: int | None = 8
+    # Quantize the operands of attention's two matrix products (queries, keys, softmax
+    # probabilities, values) at a_bits, in transformers models.
+    quantize_attention: bool = True
     ranges: str = "mse"
     percentile: float = 99.99
     w_symmetric: bool = False
@@ -138,6 +143,7 @@ class QuantConfig:
         self.w_bits = parse_bits(self.w_bits)
         self.a_bits = parse_bits(self.a_bits)
         self.first_last_bits = parse_bits(self.first_last_bits)
+        self.embedding_bits = parse_bits(self.embedding_bits)
         self.layer_bits = {pattern: (parse_bits(w), parse_bits(a))
                            for pattern, (w, a) in dict(self.layer_bits).items()}
         if isinstance(self.steps, str):

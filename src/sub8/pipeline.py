@@ -217,7 +217,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     checkpoints.clear()
     report = {"tool": TOOL, "config": config.to_dict(), "seed": config.seed, "versions": versions(),
               "calibration": {"n_images": len(calib)},
-              "layers": [info.to_dict() for info in prepared.layers],
+              "layers": [info.to_dict() for info in prepared.layers], **prepared.other_quantizers(),
               "size": size_report(prepared), "steps": log.steps, **records}
     if metrics is not None:
         report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels, output),

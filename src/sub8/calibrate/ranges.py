@@ -7,7 +7,8 @@ import torch
 
 from ..errors import Sub8Error
 from ..prepare import PreparedModel
-from ..quant.layers import run_observed
+from ..quant.embedding import quant_embeddings
+from ..quant.layers import quant_inputs, run_observed
 from ..quant.ranges import estimate
 
 SAMPLE_CAP = 2 ** 19  # observed values kept per activation for percentile/MSE searches
@@ -30,7 +31,7 @@ class ActivationObserver:
         lo, hi = torch.aminmax(flat)
         lo, hi = lo.item(), hi.item()
         if not (torch.isfinite(torch.tensor([lo, hi])).all()):
-            raise Sub8Error(f"NaN or Inf in the input of layer {self.name!r} during calibration; "
+            raise Sub8Error(f"NaN or Inf in the input of {self.name!r} during calibration; "
                             f"check the model and the calibration data")
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         k = min(flat.numel(), self.per_batch)
@@ -46,8 +47,8 @@ class ActivationObserver:
 def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str = "mse",
                      percentile: float = 99.99, batch_size: int = 32, seed: int = 0) -> dict:
     """Set every quantizer's step and zero point. Returns the activation ranges seen."""
-    layers = prepared.quant_layers()
-    for layer in layers.values():
+    weighted = {**prepared.quant_layers(), **quant_embeddings(prepared.module)}
+    for layer in weighted.values():
         wq = layer.weight_quantizer
         if wq.enabled:
             rows = layer.layer.weight.detach().reshape(wq.step.shape[0], -1)
@@ -56,13 +57,14 @@ def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str =
     device = next(prepared.module.parameters()).device
     n_batches = -(-len(calib) // batch_size)
     generator = torch.Generator().manual_seed(seed)
+    sites = quant_inputs(prepared.module)  # layer inputs and attention operands
     observers = {name: ActivationObserver(name, max(1, SAMPLE_CAP // n_batches), generator)
-                 for name, layer in layers.items() if layer.input_quantizer.enabled}
+                 for name, site in sites.items() if site.input_quantizer.enabled}
     run_observed(prepared.module, observers, calib, batch_size)
 
     seen = {}
     for name, obs in observers.items():
-        aq = layers[name].input_quantizer
+        aq = sites[name].input_quantizer
         values = obs.values().to(device)[None]
         aq.set_range(*estimate(values, method, aq.bits, aq.symmetric, percentile))
         seen[name] = (obs.lo, obs.hi)

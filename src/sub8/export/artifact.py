@@ -23,7 +23,8 @@ from ..config import QuantConfig
 from ..errors import Sub8Error
 from ..pipeline import QuantizedModel
 from ..prepare import prepare
-from ..quant.layers import QuantLayer
+from ..quant.embedding import quant_embeddings
+from ..quant.layers import QuantInput, QuantLayer, quant_inputs, quant_layers
 from ..quant.quantizer import Quantizer, grid
 from ..report import write_bytes_atomic
 from ..zoo import load_model
@@ -48,42 +49,67 @@ def _offset_uint8(values: torch.Tensor, qmin: int) -> torch.Tensor:
     return (values.detach().cpu().round() - qmin).to(torch.uint8)
 
 
+def _weight_tensors(name: str, weight: torch.Tensor, wq: Quantizer) -> dict:
+    """A weight as packed codes with its per-channel steps (and zero points), or float32."""
+    if not wq.enabled:
+        return {f"{name}.weight": weight.detach().cpu().float()}
+    with torch.no_grad():
+        codes = _offset_uint8(wq.codes(weight.detach()), wq.qmin).numpy()
+    tensors = {f"{name}.weight.codes": torch.from_numpy(pack(codes, wq.bits)),
+               f"{name}.weight.step": wq.step.detach().cpu().float()}
+    if not wq.symmetric:
+        tensors[f"{name}.weight.zero_point"] = _offset_uint8(wq.zero_point, wq.qmin)
+    return tensors
+
+
+def _input_tensors(name: str, iq: Quantizer) -> dict:
+    """An activation grid: its step (and zero point); nothing when it is float."""
+    if not iq.enabled:
+        return {}
+    tensors = {f"{name}.input.step": iq.step.detach().cpu().float()}
+    if not iq.symmetric:
+        tensors[f"{name}.input.zero_point"] = _offset_uint8(iq.zero_point, iq.qmin)
+    return tensors
+
+
 def _layer_tensors(name: str, layer: QuantLayer) -> tuple[dict, dict]:
     wq, iq = layer.weight_quantizer, layer.input_quantizer
-    weight, bias = layer.layer.weight.detach(), layer.layer.bias.detach()
-    header = {"weight_shape": list(weight.shape), "weight": _grid_header(wq, 0), "input": _grid_header(iq, None)}
-    tensors = {f"{name}.bias": bias.cpu().float()}
-    if wq.enabled:
-        with torch.no_grad():
-            codes = _offset_uint8(wq.codes(weight), wq.qmin).numpy()
-        tensors[f"{name}.weight.codes"] = torch.from_numpy(pack(codes, wq.bits))
-        tensors[f"{name}.weight.step"] = wq.step.detach().cpu().float()
-        if not wq.symmetric:
-            tensors[f"{name}.weight.zero_point"] = _offset_uint8(wq.zero_point, wq.qmin)
-    else:
-        tensors[f"{name}.weight"] = weight.cpu().float()
-    if iq.enabled:
-        tensors[f"{name}.input.step"] = iq.step.detach().cpu().float()
-        if not iq.symmetric:
-            tensors[f"{name}.input.zero_point"] = _offset_uint8(iq.zero_point, iq.qmin)
-    return header, tensors
+    header = {"weight_shape": list(layer.layer.weight.shape), "weight": _grid_header(wq, 0),
+              "input": _grid_header(iq, None)}
+    return header, {f"{name}.bias": layer.layer.bias.detach().cpu().float(),
+                    **_weight_tensors(name, layer.layer.weight, wq), **_input_tensors(name, iq)}
+
+
+def _quantized_modules(module: torch.nn.Module) -> dict[str, dict]:
+    """{header section: {name: module}} of everything stored as integers or grids."""
+    return {"layers": quant_layers(module), "embeddings": quant_embeddings(module),
+            "inputs": {n: m for n, m in quant_inputs(module).items() if isinstance(m, QuantInput)}}
 
 
 def save(qmodel: QuantizedModel, out_dir: str, spec: str, input_shape: tuple[int, ...],
          preprocessing: str | None = None) -> str:
     """Write out_dir/model.safetensors atomically; returns its path."""
     state = qmodel.module.state_dict()
-    tensors, layers, covered = {}, {}, set()
-    for name, layer in qmodel.prepared.quant_layers().items():
-        layers[name], layer_tensors = _layer_tensors(name, layer)
-        tensors.update(layer_tensors)
-        covered.update(k for k in state if k.startswith(name + "."))
+    tensors, sections, covered = {}, {}, set()
+    for section, modules in _quantized_modules(qmodel.module).items():
+        sections[section] = {}
+        for name, m in modules.items():
+            if section == "layers":
+                sections[section][name], own = _layer_tensors(name, m)
+            elif section == "embeddings":
+                wq = m.weight_quantizer
+                sections[section][name] = {"weight_shape": list(m.layer.weight.shape), "weight": _grid_header(wq, 0)}
+                own = _weight_tensors(name, m.layer.weight, wq)
+            else:
+                sections[section][name], own = _grid_header(m.input_quantizer, None), _input_tensors(name, m.input_quantizer)
+            tensors.update(own)
+            covered.update(k for k in state if k.startswith(name + "."))
     for key, value in state.items():
         if key not in covered and isinstance(value, torch.Tensor):
             tensors[key] = value.detach().cpu().contiguous()
     header = {"format": FORMAT, "version": VERSION, "sub8_version": __version__, "model": spec,
               "input_shape": list(input_shape), "preprocessing": preprocessing,
-              "config": qmodel.report.get("config", {}), "layers": layers}
+              "config": qmodel.report.get("config", {}), **sections}
     data = st_save(tensors, metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
     path = os.path.join(out_dir, FILENAME)
     write_bytes_atomic(path, data)
@@ -167,14 +193,14 @@ def _quantizer_state(template: dict, prefix: str, grid_header: dict | None, read
                                        "initialized": True}}
 
 
-def _layer_state(name: str, header: dict, template: dict, reader: _Reader) -> dict:
+def _weight_state(name: str, header: dict, template: dict, reader: _Reader) -> dict:
+    """A module's weight and its quantizer's state, rebuilt as (code - zero) * step."""
     shape = tuple(template[f"{name}.layer.weight"].shape)
     if tuple(header["weight_shape"]) != shape:
-        raise Sub8Error(f"{reader.path!r}: layer {name!r} has weight shape {header['weight_shape']}, "
+        raise Sub8Error(f"{reader.path!r}: {name!r} has weight shape {header['weight_shape']}, "
                         f"the model's is {list(shape)}")
-    wq, iq = f"{name}.weight_quantizer", f"{name}.input_quantizer"
-    state = {**_quantizer_state(template, wq, header["weight"], reader, f"{name}.weight"),
-             **_quantizer_state(template, iq, header["input"], reader, f"{name}.input")}
+    wq = f"{name}.weight_quantizer"
+    state = _quantizer_state(template, wq, header["weight"], reader, f"{name}.weight")
     if header["weight"] is None:
         weight = reader.take(f"{name}.weight", shape, torch.float32)
     else:
@@ -185,7 +211,21 @@ def _layer_state(name: str, header: dict, template: dict, reader: _Reader) -> di
         view = (-1,) + (1,) * (len(shape) - 1)
         weight = (codes - state[f"{wq}.zero_point"].view(view)) * state[f"{wq}.step"].view(view)
     state[f"{name}.layer.weight"] = weight
-    state[f"{name}.layer.bias"] = reader.take(f"{name}.bias", template[f"{name}.layer.bias"].shape, torch.float32)
+    return state
+
+
+def _input_state(name: str, grid_header: dict | None, template: dict, reader: _Reader) -> dict:
+    return _quantizer_state(template, f"{name}.input_quantizer", grid_header, reader, f"{name}.input")
+
+
+def _module_state(section: str, name: str, header, template: dict, reader: _Reader) -> dict:
+    if section == "inputs":
+        return _input_state(name, header, template, reader)
+    state = _weight_state(name, header, template, reader)
+    if section == "layers":
+        state.update(_input_state(name, header["input"], template, reader))
+        state[f"{name}.layer.bias"] = reader.take(f"{name}.bias", template[f"{name}.layer.bias"].shape,
+                                                  torch.float32)
     return state
 
 
@@ -205,17 +245,18 @@ def load(run_dir: str, device: str = "cpu") -> QuantizedModel:
     loaded = load_model(header["model"], architecture_only=True)
     prepared = prepare(loaded.module, torch.zeros(header["input_shape"]), QuantConfig(**config))
     template = prepared.module.state_dict()
-    layers = prepared.quant_layers()
-    if set(layers) != set(header["layers"]):
-        odd = sorted(set(layers) ^ set(header["layers"]))
-        raise Sub8Error(f"{path!r} does not fit {header['model']}: layers {', '.join(odd[:5])} differ")
     reader = _Reader(path, tensors)
     state = {}
-    try:
-        for name in layers:
-            state.update(_layer_state(name, header["layers"][name], template, reader))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Sub8Error(f"{path!r}: malformed layer header ({type(exc).__name__}: {exc})") from None
+    for section, modules in _quantized_modules(prepared.module).items():
+        saved = header.get(section, {})
+        if not isinstance(saved, dict) or set(modules) != set(saved):
+            odd = sorted(set(modules) ^ set(saved if isinstance(saved, dict) else ()))
+            raise Sub8Error(f"{path!r} does not fit {header['model']}: {section} {', '.join(odd[:5])} differ")
+        try:
+            for name in modules:
+                state.update(_module_state(section, name, saved[name], template, reader))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Sub8Error(f"{path!r}: malformed {section} header ({type(exc).__name__}: {exc})") from None
     for key, value in template.items():
         if key not in state and isinstance(value, torch.Tensor):
             state[key] = reader.take(key, value.shape, value.dtype)

@@ -11,7 +11,8 @@ from torch import fx, nn
 
 from ..config import QuantConfig
 from ..errors import Sub8Error
-from ..quant.layers import QuantLayer, quant_layers
+from ..quant.embedding import QuantEmbedding, quant_embeddings
+from ..quant.layers import QuantInput, QuantLayer, quant_inputs, quant_layers
 from .fold import fold_batchnorm
 from .graph import LayerInfo, analyze, capture, count_macs
 
@@ -26,12 +27,22 @@ class PreparedModel:
     # An untouched copy of `module` as prepared: steps that move the float weights (AdaQuant)
     # leave it alone, so later steps still see the exact (BN-folded) float model.
     reference: nn.Module
+    attention_modules: int = 0  # attention modules whose matrix-product operands are quantized
 
     def quant_layers(self) -> dict[str, QuantLayer]:
         return quant_layers(self.module)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+    def other_quantizers(self) -> dict:
+        """What is quantized besides the layers: embedding tables and attention operands."""
+        tables = {name: {"bits": m.w_bits, "shape": list(m.layer.weight.shape)}
+                  for name, m in quant_embeddings(self.module).items()}
+        bits = {m.input_quantizer.bits for m in quant_inputs(self.module).values() if isinstance(m, QuantInput)}
+        return {"embeddings": tables,
+                "attention": {"modules": self.attention_modules, "bits": bits.pop() if len(bits) == 1 else None,
+                              "operands": ["query", "key", "probs", "value"] if self.attention_modules else []}}
 
     def sync_bits(self) -> None:
         """Copy each layer's bits from its quantizers (after a state was loaded) to the table."""
@@ -72,14 +83,19 @@ def prepare(model: nn.Module, example: torch.Tensor, config: QuantConfig) -> Pre
     if not getattr(model, "sub8_traceable", True):
         module = copy.deepcopy(model).cpu().eval()
         layers = module_layers(module, example.cpu())
-        return _wrap(module, layers, float_params, config)
+        attention = 0
+        if config.quantize_attention and config.a_bits is not None:
+            from ..text.attention import quantize_attention
+            attention = quantize_attention(module, example.cpu(), config.a_bits, config.a_symmetric)
+        return _wrap(module, layers, float_params, config, attention)
     gm = capture(copy.deepcopy(model).cpu())
     folded = fold_batchnorm(gm)
     layers = analyze(gm, example.cpu(), folded)
     return _wrap(gm, layers, float_params, config)
 
 
-def _wrap(module: nn.Module, layers: list[LayerInfo], float_params: int, config: QuantConfig) -> PreparedModel:
+def _wrap(module: nn.Module, layers: list[LayerInfo], float_params: int, config: QuantConfig,
+          attention_modules: int = 0) -> PreparedModel:
     if not layers:
         raise Sub8Error("the model has no Conv2d or Linear layer to quantize")
     assign_bits(layers, config)
@@ -87,7 +103,12 @@ def _wrap(module: nn.Module, layers: list[LayerInfo], float_params: int, config:
         wrapper = QuantLayer(module.get_submodule(info.name), info.w_bits, info.a_bits,
                              w_symmetric=config.w_symmetric, a_symmetric=config.a_symmetric)
         module.set_submodule(info.name, wrapper)
+    if config.embedding_bits is not None:
+        for name in [n for n, m in module.named_modules() if isinstance(m, nn.Embedding)]:
+            module.set_submodule(name, QuantEmbedding(module.get_submodule(name), config.embedding_bits,
+                                                      symmetric=config.w_symmetric))
     if isinstance(module, fx.GraphModule):
         module.recompile()
     module = module.to(config.device).eval()
-    return PreparedModel(module=module, layers=layers, float_params=float_params, reference=copy.deepcopy(module))
+    return PreparedModel(module=module, layers=layers, float_params=float_params, reference=copy.deepcopy(module),
+                         attention_modules=attention_modules)

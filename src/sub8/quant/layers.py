@@ -1,4 +1,5 @@
-"""The quantized layer wrapper: quantizes its input activation and its weight."""
+"""The quantized layer wrapper (quantizes its input activation and its weight), and the
+quantized input of an operation that is not a layer (an attention product's operand)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,29 @@ def quant_layers(module: nn.Module) -> dict[str, QuantLayer]:
     return {name: m for name, m in module.named_modules() if isinstance(m, QuantLayer)}
 
 
+class QuantInput(nn.Module):
+    """A per-tensor quantizer on an operand that no layer owns (the queries, keys, values and
+    softmax probabilities of attention). Like a QuantLayer's input it has an `input_quantizer`
+    and an optional `observer(site, x)`, which sees only the entries of real tokens:
+    `real(x)` picks them."""
+
+    def __init__(self, bits: int | None, symmetric: bool, real):
+        super().__init__()
+        self.input_quantizer = Quantizer(bits, symmetric=symmetric)
+        self.observer = None
+        self.real = real
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer(self, self.real(x))
+        return self.input_quantizer(x)
+
+
+def quant_inputs(module: nn.Module) -> dict[str, QuantLayer | QuantInput]:
+    """Every quantized activation site: each layer's input and each QuantInput, by name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, (QuantLayer, QuantInput))}
+
+
 @contextlib.contextmanager
 def float_mode(module: nn.Module):
     """Run `module` with every quantizer bypassed: the exact (BN-folded) float model."""
@@ -92,9 +116,9 @@ class StopForward(Exception):
 @torch.no_grad()
 def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_size: int,
                  float_model: bool = True) -> None:
-    """Run the model over `data` with `observers[name](layer, x)` on the named layers: the float
-    model by default, else the model as quantized so far."""
-    layers = quant_layers(module)
+    """Run the model over `data` with `observers[name](site, x)` on the named layers (or
+    QuantInput sites): the float model by default, else the model as quantized so far."""
+    layers = quant_inputs(module)
     device = next(module.parameters()).device
     for name, obs in observers.items():
         layers[name].observer = obs

@@ -243,6 +243,14 @@ class Quantizer(nn.Module):
         return _FakeQuantSTE.apply(x, self._view(step, x.dim()), self._view(self.zero_point, x.dim()),
                                    self.qmin, self.qmax)
 
+    def fake_quant_rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The rows `index` of a per-row (axis 0) quantized tensor, given those rows in float:
+        each row on its own grid, as `fake_quant` of the whole tensor would put it."""
+        if not self.initialized:
+            raise RuntimeError("quantizer used before its range was calibrated")
+        return _FakeQuantSTE.apply(rows, self.step[index].unsqueeze(-1), self.zero_point[index].unsqueeze(-1),
+                                   self.qmin, self.qmax)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.bypass else self.fake_quant(x)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .quantizer import affine_params, fake_quantize, grid
+from .quantizer import affine_params, grid
 
 METHODS = ("minmax", "percentile", "mse")
 
@@ -30,11 +30,16 @@ def mse(rows: torch.Tensor, bits: int, symmetric: bool, grid_points: int = 100):
     lo0, hi0 = minmax(rows)
     best_err = torch.full_like(lo0, float("inf"))
     best_lo, best_hi = lo0.clone(), hi0.clone()
+    error = torch.empty_like(rows)  # one buffer, in-place passes: large tables (embeddings) search fast
     for alpha in torch.linspace(1.0, 1.0 / grid_points, grid_points).tolist():
         lo, hi = lo0 * alpha, hi0 * alpha
         step, zero, signed = affine_params(lo, hi, bits, symmetric)
         qmin, qmax = grid(bits, signed)
-        err = (fake_quantize(rows, step[:, None], zero[:, None], qmin, qmax) - rows).pow(2).mean(dim=1)
+        step, zero = step[:, None], zero[:, None]
+        # fake_quantize(rows, step, zero, qmin, qmax) - rows, pass by pass
+        torch.mul(rows, torch.reciprocal(step), out=error)
+        error.round_().add_(zero).clamp_(qmin, qmax).sub_(zero).mul_(step).sub_(rows)
+        err = error.square_().mean(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo, best_lo)

@@ -33,3 +33,22 @@ def real_tokens(x: torch.Tensor) -> torch.Tensor:
     if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
         return x
     return x[mask.to(x.device)]
+
+
+def real_head_tokens(x: torch.Tensor) -> torch.Tensor:
+    """A batch x heads x sequence x features tensor's entries at real tokens (N_tokens x heads x
+    features); x unchanged without a matching mask."""
+    mask = _MASK.get()
+    if mask is None or x.dim() != 4 or (x.shape[0], x.shape[2]) != tuple(mask.shape):
+        return x
+    return x.transpose(1, 2)[mask.to(x.device)]
+
+
+def real_token_pairs(p: torch.Tensor) -> torch.Tensor:
+    """A batch x heads x query x key tensor (attention probabilities) at pairs of real tokens
+    (N_pairs x heads); p unchanged without a matching mask."""
+    mask = _MASK.get()
+    if mask is None or p.dim() != 4 or (p.shape[0], p.shape[2], p.shape[3]) != (*mask.shape, mask.shape[1]):
+        return p
+    mask = mask.to(p.device)
+    return p.permute(0, 2, 3, 1)[mask[:, :, None] & mask[:, None, :]]
