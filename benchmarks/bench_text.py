@@ -25,14 +25,13 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.evaluate import compare_embeddings, predict  # noqa: E402
 from sub8.report import versions, write_json  # noqa: E402
 from sub8.text.data import tokenize  # noqa: E402
+from sub8.text.probe import Probe  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
 
 CLASSES = ("negative", "neutral", "positive")
@@ -87,12 +86,12 @@ def main(argv=None) -> int:
     fit, test, calib = balanced_split((args.fit, args.test, args.calib), args.seed)
     tokens = {name: tokenize(loaded.tokenizer, [t for t, _ in part], args.max_length)
               for name, part in (("fit", fit), ("test", test), ("calib", calib))}
-    test_labels = np.array([c for _, c in test])
+    test_labels = torch.tensor([c for _, c in test])
     start = time.perf_counter()
-    float_fit = predict(loaded.module, tokens["fit"], 64).numpy()
+    float_fit = predict(loaded.module, tokens["fit"], 64)
     float_test = predict(loaded.module, tokens["test"], 64)
-    head = LogisticRegression(max_iter=2000).fit(float_fit, [c for _, c in fit])
-    float_acc = float((head.predict(float_test.numpy()) == test_labels).mean())
+    probe = Probe.fit(float_fit, torch.tensor([c for _, c in fit]), list(CLASSES), seed=args.seed)
+    float_acc = probe.accuracy(float_test, test_labels)
     print(f"zoo:minilm on {len(test)} test tweets: float accuracy {100 * float_acc:.2f}% "
           f"(head fit on {len(fit)} float embeddings; {time.perf_counter() - start:.0f} s)")
     rows = [{"precision": "float", "pipeline": "-", "accuracy": float_acc, "cosine_similarity": 1.0}]
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
             qm = quantize(loaded.module, tokens["calib"], config)
             seconds = time.perf_counter() - start
             quant_test = predict(qm.module, tokens["test"], 64)
-            acc = float((head.predict(quant_test.numpy()) == test_labels).mean())
+            acc = probe.accuracy(quant_test, test_labels)
             cos = compare_embeddings(float_test, quant_test)["cosine_similarity"]
             rows.append({"precision": precision, "pipeline": pipeline, "accuracy": acc, "cosine_similarity": cos,
                          "seconds": seconds, "steps": [s["name"] for s in qm.report["steps"]]})

@@ -157,10 +157,13 @@ def build_config(o: dict) -> QuantConfig:
 @click.option("--text-column", default="text", show_default=True, help="text models: the column that holds the text")
 @click.option("--label-column", default=None, help="text models: the evaluation file's label column")
 @click.option("--max-length", default=128, show_default=True, help="text models: tokens per text (longer ones are cut)")
+@click.option("--probe-train", default=None,
+              help="sentence encoders: a labelled text file (--label-column) to fit a logistic-regression "
+                   "head on float embeddings; --eval's accuracy is then measured through that frozen head")
 @click.option("--out", "out_dir", required=True, help="output folder")
 @click.option("--force", is_flag=True, help="replace an output folder that is not a sub8 run")
 @clean_errors
-def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, force, **opts):
+def quantize(eval_dir, labels, text_column, label_column, max_length, probe_train, out_dir, force, **opts):
     """Quantize a model and write OUT/report.json and OUT/model.safetensors."""
     from .data import load_images
     from .export import save
@@ -173,12 +176,19 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, f
     check_output_dir(out_dir, force)
     config = build_config(opts)
     loaded = load_model(opts["model_spec"], opts["weights"])
+    probe = probe_record = None
+    if probe_train is not None and loaded.tokenizer is None:
+        raise Sub8Error("--probe-train is for sentence encoders (text models)")
     if loaded.tokenizer is not None:  # a text model: --calib and --eval are text files
         calib_set = load_texts(opts["calib"], loaded.tokenizer, text_column, None, max_length,
                                limit=config.samples, seed=config.seed)
         calib, skipped, eval_skipped = calib_set.tokens, 0, 0
+        if probe_train is not None:
+            probe, probe_record = fit_probe(loaded, probe_train, eval_dir, text_column, label_column, max_length,
+                                            config)
         eval_set = None if eval_dir is None else load_texts(eval_dir, loaded.tokenizer, text_column, label_column,
-                                                            max_length, seed=config.seed)
+                                                            max_length, seed=config.seed,
+                                                            classes=None if probe is None else probe.classes)
         eval_data = None if eval_set is None else eval_set.tokens
         labels = label_column or "none"
     else:
@@ -191,8 +201,11 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, f
         eval_data = None if eval_set is None else eval_set.images
         eval_skipped = 0 if eval_set is None else len(eval_set.skipped)
     qmodel = run_quantize(loaded.module, calib, config, eval_images=eval_data,
-                          eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"])
+                          eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"],
+                          probe=probe)
     report = qmodel.report
+    if probe_record is not None:
+        report["probe"] = probe_record
     report["model"] = {"spec": opts["model_spec"], "weights": opts["weights"]}
     report["calibration"].update({"folder": os.path.abspath(opts["calib"]), "skipped": skipped})
     if eval_set is not None:
@@ -206,6 +219,25 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, f
     print_summary(report, out_dir)
 
 
+def fit_probe(loaded, path: str, eval_path: str | None, text_column: str, label_column: str | None,
+              max_length: int, config):
+    """The probe head fit on the float encoder's embeddings of `path`, and its report record."""
+    from .evaluate import predict
+    from .text.probe import Probe
+    from .text.data import load_texts
+
+    if getattr(loaded.module, "sub8_output", None) != "embedding":
+        raise Sub8Error("--probe-train is for sentence encoders; a classifier has its own head")
+    if label_column is None or eval_path is None:
+        raise Sub8Error("--probe-train needs --eval (the test split) and --label-column")
+    train = load_texts(path, loaded.tokenizer, text_column, label_column, max_length, seed=config.seed)
+    embeddings = predict(loaded.module, train.tokens, config.forward_batch, "cpu")
+    probe = Probe.fit(embeddings, train.labels, train.classes, seed=config.seed)
+    record = {"train": os.path.abspath(path), "n_samples": len(train.tokens), "classes": train.classes,
+              "head": "logistic regression on the float model's embeddings, frozen"}
+    return probe, record
+
+
 @main.command()
 @quant_options
 @click.option("--eval", "eval_dir", required=True, help="folder of evaluation images")
@@ -216,7 +248,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, out_dir, f
 def pareto(eval_dir, size_ratios, out_dir, force, **opts):
     """Allocate, build and evaluate one model per size budget, beside the uniform precisions."""
     from .data import load_images
-    from .pareto import METRIC, format_row, header, pareto as run_pareto
+    from .pareto import METRIC, header, pareto as run_pareto
     from .plot import scatter_svg
     from .report import REPORT, TOOL, atomic_dir, check_output_dir, versions, write_bytes_atomic, write_json
     from .zoo import load_model

@@ -20,16 +20,20 @@ def predict(module, images: torch.Tensor, batch_size: int = 32, device: str = "c
 
 
 def compare(float_logits: torch.Tensor, quant_logits: torch.Tensor,
-            labels: torch.Tensor | None = None, output: str = "logits") -> dict:
+            labels: torch.Tensor | None = None, output: str = "logits", probe=None) -> dict:
     """Agreement of the quantized model's predictions with the float model's (for sentence
-    embeddings, `output="embedding"`: see compare_embeddings).
+    embeddings, `output="embedding"`: see compare_embeddings; with labels and a fitted
+    text.probe.Probe, `accuracy` is the embeddings' accuracy through that frozen head).
 
     top1_agreement: same argmax; top5_agreement: the float argmax is in the quantized top 5;
     kl: mean KL(float || quantized) of the softmax outputs; the *_confident figure counts only
     images whose float top probability is at least CONFIDENT.
     """
     if output == "embedding":
-        return compare_embeddings(float_logits, quant_logits)
+        out = compare_embeddings(float_logits, quant_logits)
+        if labels is not None and probe is not None:
+            out["accuracy"] = probe.accuracy(quant_logits, labels)
+        return out
     f_logp = F.log_softmax(float_logits.double(), dim=1)
     q_logp = F.log_softmax(quant_logits.double(), dim=1)
     f_top1 = float_logits.argmax(dim=1)

@@ -164,9 +164,10 @@ def as_tensor(data) -> torch.Tensor:
 
 def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
              eval_images: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
-             float_logits: torch.Tensor | None = None, fresh: bool = False) -> QuantizedModel:
+             float_logits: torch.Tensor | None = None, fresh: bool = False, probe=None) -> QuantizedModel:
     """Quantize `model` with `config.pipeline` on `calib`; evaluate against the float model on
-    `eval_images` when given (`float_logits`, if the caller has them already, saves a pass).
+    `eval_images` when given (`float_logits`, if the caller has them already, saves a pass;
+    `probe`, a fitted text.probe.Probe, gives a sentence encoder's accuracy with `eval_labels`).
 
     An interrupted run with the same model, data and config resumes after its last finished
     step (or AdaQuant group) from `config.cache_dir`; `fresh=True` starts over."""
@@ -191,7 +192,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
 
         def evaluate() -> dict:
             quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
-            return compare(float_logits, quant_logits, eval_labels, output)
+            return compare(float_logits, quant_logits, eval_labels, output, probe)
     records, metrics = {}, None
     eval_key = None if eval_images is None else tensor_digest([eval_images])
     for k, name in enumerate(steps):
@@ -220,6 +221,6 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
               "layers": [info.to_dict() for info in prepared.layers], **prepared.other_quantizers(),
               "size": size_report(prepared), "steps": log.steps, **records}
     if metrics is not None:
-        report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels, output),
+        report["metrics"] = {"float": compare(float_logits, float_logits, eval_labels, output, probe),
                              "quantized": metrics}
     return QuantizedModel(prepared, report)

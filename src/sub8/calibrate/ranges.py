@@ -31,7 +31,7 @@ class ActivationObserver:
         lo, hi = torch.aminmax(flat)
         lo, hi = lo.item(), hi.item()
         if not (torch.isfinite(torch.tensor([lo, hi])).all()):
-            raise Sub8Error(f"NaN or Inf in the input of {self.name!r} during calibration; "
+            raise Sub8Error(f"NaN or Inf in the input of layer {self.name!r} during calibration; "
                             f"check the model and the calibration data")
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         k = min(flat.numel(), self.per_batch)

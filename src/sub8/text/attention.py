@@ -9,7 +9,6 @@ holds its four quantizers. Which modules those are is found by running the model
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 
 import torch
