@@ -2,6 +2,7 @@
 allocate step end to end (cost model = the real size, additivity, the on-disk cache)."""
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -153,6 +154,23 @@ def test_second_solve_reads_the_cache(tmp_path, calib):
     # A changed calibration set is another key: no stale entry is read.
     third = quantize(model, calib.flip(0)[:30], light(tmp_path, size_ratio=0.19)).report["allocate"]
     assert third["cache"]["hits"] == 0
+
+
+def test_advanced_reports_each_candidates_adaquant(tmp_path, calib):
+    """The advanced recipe runs parallel AdaQuant once per candidate precision; each run's
+    per-layer record lands in the report, and a cached candidate brings its record back."""
+    model = peaky_tiny()
+    config = QuantConfig(pipeline="advanced", adaquant={"iters": 5, "batch_size": 8},
+                         bias_tuning={"iters": 2, "batch_size": 8},
+                         allocation=AllocationConfig(size_ratio=0.2), cache_dir=str(tmp_path / "cache"))
+    a = quantize(model, calib, config).report["allocate"]
+    assert set(a["candidates"]) == set(a["precisions"]) | {a["base"]}
+    for label, steps in a["candidates"].items():
+        layers = steps["adaquant"]["layers"]
+        assert {r["name"] for r in layers} >= set(a["choice"]), label
+        assert all(r["heldout_mse_after"] >= 0 and r["heldout_mse_before"] >= 0 for r in layers)
+    again = quantize(model, calib, replace(config, allocation=AllocationConfig(size_ratio=0.19))).report["allocate"]
+    assert again["candidates"] == a["candidates"] and again["cache"]["misses"] == 0
 
 
 def test_latency_budget(tmp_path, calib):

@@ -85,3 +85,25 @@ def test_bias_tuning_reduces_heldout_kl():
         if n in weights:
             assert torch.equal(p, weights[n]), n
         assert p.requires_grad  # and nothing was left frozen
+
+
+def test_bias_tuning_can_train_the_last_layers_input_range():
+    model = tiny()[0]
+    with torch.no_grad():
+        model.fc.weight.mul_(40)
+    prepared, calib = quantized(4, 4, model=model)
+    last = prepared.quant_layers()[prepared.layers[-1].name].input_quantizer
+    others = {n: p.clone() for n, p in prepared.module.named_parameters()
+              if not n.endswith("bias") and p is not last.step}
+    step = last.step.item()
+    cfg = BiasTuningConfig(iters=150, batch_size=16, lr=3e-3, holdout=0.25, last_input_range=True, range_lr=1e-2)
+    record = tune_biases(prepared, calib, cfg)
+    moved = record["last_input_range"]
+    assert moved["layer"] == prepared.layers[-1].name and moved["step_before"] == step
+    assert moved["step_after"] == last.step.item() != step and last.step.item() > 0
+    # at most range_lr x the initial step per iteration (Adam's bound), and it still helps
+    assert abs(moved["step_after"] - step) <= 150 * 1e-2 * step
+    assert record["heldout_loss_after"] < 0.8 * record["heldout_loss_before"]
+    for n, p in prepared.module.named_parameters():  # nothing else moved
+        if n in others:
+            assert torch.equal(p, others[n]), n

@@ -88,6 +88,8 @@ def quant_options(fn):
         click.option("--bias-iters", default=BiasTuningConfig.iters, show_default=True, help="bias tuning iterations"),
         click.option("--bias-batch-size", default=BiasTuningConfig.batch_size, show_default=True),
         click.option("--bias-lr", default=BiasTuningConfig.lr, show_default=True, help="bias tuning Adam rate"),
+        click.option("--bias-tune-last-range", is_flag=True,
+                     help="bias tuning also trains the last layer's input step (rate relative to the step)"),
         click.option("--size-ratio", type=float, default=None,
                      help="bit allocation budget: weight memory / the float32 model's"),
         click.option("--bops-ratio", type=float, default=None,
@@ -136,7 +138,7 @@ def build_config(o: dict) -> QuantConfig:
         ties=tuple(o["tie"]), solver=o["solver"],
         sensitivity_samples=o["sensitivity_samples"])
     bias_tuning = BiasTuningConfig(iters=o["bias_iters"], batch_size=o["bias_batch_size"], lr=o["bias_lr"],
-                                   holdout=o["holdout"])
+                                   holdout=o["holdout"], last_input_range=o["bias_tune_last_range"])
     extra = {} if o["cache_dir"] is None else {"cache_dir": o["cache_dir"]}
     if o["no_cache"]:
         extra["cache_dir"] = None

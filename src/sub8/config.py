@@ -56,10 +56,14 @@ class BiasTuningConfig:
     batch_size: int = 32
     lr: float = 1e-3        # Adam, decayed along a half cosine
     holdout: float = 0.1    # share of calibration samples kept out to measure over-fitting
+    # Also train the last layer's input step (the paper's option); its rate is relative to
+    # the step: an Adam move of range_lr times the initial step per iteration, at most.
+    last_input_range: bool = False
+    range_lr: float = 1e-3
 
     def __post_init__(self):
-        if self.iters < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise Sub8Error("bias tuning needs iters >= 0, a batch size >= 1 and a positive learning rate")
+        if self.iters < 0 or self.batch_size < 1 or self.lr <= 0 or self.range_lr <= 0:
+            raise Sub8Error("bias tuning needs iters >= 0, a batch size >= 1 and positive learning rates")
         if not 0.0 < self.holdout < 1.0:
             raise Sub8Error(f"holdout must be in (0, 1), got {self.holdout}")
 

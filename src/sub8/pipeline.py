@@ -76,13 +76,12 @@ def step_allocate(run: Run) -> dict:
     """Bit allocation: the steps before it in the pipeline run once per candidate precision."""
     c = run.config
 
-    def run_recipe(precision) -> PreparedModel:
+    def run_recipe(precision) -> tuple[PreparedModel, dict]:
         config = replace(c, w_bits=precision[0], a_bits=precision[1], steps=run.recipe)
         prepared = prepare(run.model, run.calib[:1], config)
         sub = Run(config, prepared, run.calib)
-        for name in run.recipe:
-            STEPS[name](sub)
-        return prepared
+        records = {name: STEPS[name](sub) for name in run.recipe}
+        return prepared, {name: r for name, r in records.items() if r is not None}
 
     return allocate(run.model, run.prepared, run.calib.to(c.device), c, run.recipe, run_recipe,
                     DiskCache(c.cache_dir, read=not run.fresh))

@@ -77,16 +77,19 @@ def problem_costs(costs: dict, const: dict, reference: dict) -> tuple[dict, dict
     return out, fixed
 
 
-def candidate_states(precisions: list[tuple], common: str, run_recipe, cache: DiskCache) -> dict:
-    """{precision: {layer: state}} after the recipe at each uniform precision (cached)."""
-    states = {}
+def candidate_states(precisions: list[tuple], common: str, run_recipe, cache: DiskCache) -> tuple[dict, dict]:
+    """({precision: {layer: state}}, {precision: {step: record}}) after the recipe at each
+    uniform precision (cached with the records its steps wrote)."""
+    states, records = {}, {}
     for p in precisions:
         key = fingerprint(common, p)
-        states[p] = cache.get("candidate", key)
-        if states[p] is None:
-            states[p] = layer_states(run_recipe(p))
-            cache.put("candidate", key, states[p])
-    return states
+        run = cache.get("candidate_run", key)
+        if run is None:
+            prepared, steps = run_recipe(p)
+            run = {"states": layer_states(prepared), "records": steps}
+            cache.put("candidate_run", key, run)
+        states[p], records[p] = run["states"], run["records"]
+    return states, records
 
 
 def sensitivities(prepared: PreparedModel, layers: list[str], states: dict, base: tuple, sample: torch.Tensor,
@@ -125,7 +128,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
              recipe: tuple[str, ...], run_recipe, cache: DiskCache, show_progress: bool = True) -> dict:
     """Allocate bits to `prepared`'s layers (in place) and return the record for report.json.
     `run_recipe(precision)` returns a fresh PreparedModel at that uniform precision after the
-    recipe's per-layer steps."""
+    recipe's per-layer steps, and those steps' records."""
     cfg = config.allocation
     timings = {}
     base = tuple(cfg.base)
@@ -134,11 +137,12 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
     common = fingerprint(tensor_digest(model.state_dict().values()), type(model).__qualname__,
                          tensor_digest([calib]), recipe, adaquant, config.ranges, config.percentile,
                          config.w_symmetric, config.a_symmetric, config.first_last_bits,
+                         config.embedding_bits, config.quantize_attention,
                          sorted(config.layer_bits.items()), config.seed, config.forward_batch,
                          str(config.device))
 
     start = time.perf_counter()
-    states = candidate_states(precisions, common, run_recipe, cache)
+    states, candidate_records = candidate_states(precisions, common, run_recipe, cache)
     timings["candidates"] = time.perf_counter() - start
 
     order = [i.name for i in prepared.layers]
@@ -196,5 +200,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
             "base_loss": base_loss, "predicted_degradation": problem.predicted(choice),
             "measured_degradation": measured, "costs": totals, "seconds": timings,
             "cache": {"folder": cache.folder, "hits": len(cache.hits), "misses": len(cache.misses)},
+            # what the recipe's steps (e.g. parallel AdaQuant) recorded for each candidate precision
+            "candidates": {precision_label(p): candidate_records[p] for p in precisions},
             "sensitivity": {n: {precision_label(p): float(table[i, j]) for j, p in enumerate(precisions)}
                             for i, n in enumerate(layers)}}

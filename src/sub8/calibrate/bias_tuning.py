@@ -5,6 +5,8 @@ Loss: KL(float || quantized) of the softmax outputs for classifiers, or the mean
 the outputs for feature extractors (the allocation's sensitivity loss). Every other tensor stays
 frozen; quantizers round with straight-through gradients. A held-out share of the calibration
 samples never enters training and reports the loss before and after, so over-fitting shows.
+Optionally (`last_input_range`) the last layer's input step trains too: the range of the
+features the classifier reads, which clipping or a coarse grid hurts most at low bits.
 """
 
 from __future__ import annotations
@@ -40,14 +42,22 @@ def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningCon
             out = predict(module, calib[held], batch_size, str(device))
         return _mean_loss(loss, out, target[held]).item()
 
-    biases = [layer.layer.bias for layer in prepared.quant_layers().values()]
+    layers = prepared.quant_layers()
+    trained = [layer.layer.bias for layer in layers.values()]
+    rates = [cfg.lr] * len(trained)
+    last = layers[prepared.layers[-1].name].input_quantizer
+    range_record = None
+    if cfg.last_input_range and last.enabled:
+        range_record = {"layer": prepared.layers[-1].name, "step_before": last.step.item()}
+        trained.append(last.step)
+        rates.append(cfg.range_lr * last.step.item())
     frozen = [p for p in module.parameters() if p.requires_grad]
     before = held_loss()
     for p in frozen:
         p.requires_grad_(False)
-    for b in biases:
+    for b in trained:
         b.requires_grad_(True)
-    opt = MultiTensorAdam(biases, [cfg.lr] * len(biases))
+    opt = MultiTensorAdam(trained, rates)
     g = torch.Generator().manual_seed(seed)
     batch = min(cfg.batch_size, len(train))
     try:
@@ -58,10 +68,15 @@ def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningCon
             _mean_loss(loss, out.float(), target[idx].to(device)).backward()
             opt.step(0.5 * (1 + math.cos(math.pi * it / cfg.iters)))
     finally:
-        for b in biases:
+        for b in trained:
             b.requires_grad_(False)
             b.grad = None
         for p in frozen:
             p.requires_grad_(True)
-    return {"settings": asdict(cfg), "loss": loss, "n_train": len(train), "n_heldout": len(held),
-            "heldout_loss_before": before, "heldout_loss_after": held_loss()}
+    record = {"settings": asdict(cfg), "loss": loss, "n_train": len(train), "n_heldout": len(held),
+              "heldout_loss_before": before, "heldout_loss_after": held_loss()}
+    if range_record is not None:
+        with torch.no_grad():
+            last.step.clamp_(min=1e-12)  # a step must stay positive
+        record["last_input_range"] = {**range_record, "step_after": last.step.item()}
+    return record
