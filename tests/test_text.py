@@ -274,3 +274,25 @@ def test_hf_folder_sequence_classifier_gives_logits_and_accuracy(tmp_path, minil
     assert q.report["config"]["output_loss"] == "kl"
     assert {"top1_agreement", "kl", "accuracy"} <= set(m) and m["n_images"] == 6
     assert len(q.report["layers"]) == 14  # 2 x 6 encoder Linears, the pooler's dense, the classifier
+
+
+def test_light_pipeline_allocates_bits_over_a_transformers_linear_layers(tmp_path):
+    """The integer program over a text model's Linear layers: sensitivities from whole-model
+    runs (no fx graph), MSE on the embeddings, the size budget met with a real mix."""
+    from sub8.config import AllocationConfig
+    model = tiny_encoder()
+    calib = tokens([3, 17, 9, 1, 12, 6, 8, 4, 15, 2, 11, 7], seed=2)
+    budget = 0.2
+    qm = sub8.quantize(model, calib, sub8.QuantConfig(
+        a_bits=8, pipeline="light", bias_tuning={"iters": 5, "batch_size": 4},
+        allocation=AllocationConfig(size_ratio=budget, precisions=((8, 8), (4, 8), (2, 8))),
+        cache_dir=str(tmp_path / "cache")))
+    a = qm.report["allocate"]
+    assert a["loss"] == "mse" and len(a["choice"]) == 10  # 12 Linear layers less the first and last
+    assert len(set(a["choice"].values())) >= 2
+    assert qm.report["size"]["ratio"] <= budget
+    assert [s["name"] for s in qm.report["steps"]] == ["prepare", "allocate", "bn_tuning", "bias_tuning"]
+    # what is not allocated is calibrated at the run's own bits: attention operands at --a-bits
+    assert qm.report["attention"]["bits"] == 8 and qm.report["embeddings"]["model.embeddings.word_embeddings"]["bits"] == 8
+    with torch.no_grad():
+        assert torch.isfinite(qm(calib)).all()

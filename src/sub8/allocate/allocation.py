@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..cache import DiskCache, fingerprint, tensor_digest
+from ..calibrate.ranges import calibrate_ranges
 from ..config import QuantConfig
 from ..errors import Sub8Error
 from ..evaluate import predict
@@ -137,7 +138,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
     common = fingerprint(tensor_digest(model.state_dict().values()), type(model).__qualname__,
                          tensor_digest([calib]), recipe, adaquant, config.ranges, config.percentile,
                          config.w_symmetric, config.a_symmetric, config.first_last_bits,
-                         config.embedding_bits, config.quantize_attention,
+                         config.embedding_bits, config.quantize_attention and config.a_bits,
                          sorted(config.layer_bits.items()), config.seed, config.forward_batch,
                          str(config.device))
 
@@ -153,6 +154,9 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
     qlayers = prepared.quant_layers()
     for n in order:  # the base model: every layer at its base-precision state
         qlayers[n].load_state_dict(states[base][n])
+    # What is not allocated (embedding tables, attention operands) keeps the run's own bits.
+    calibrate_ranges(prepared, calib, config.ranges, config.percentile, config.forward_batch, config.seed,
+                     layers=False)
 
     start = time.perf_counter()
     # The sensitivities' samples: the calibration set, or its first `sensitivity_samples`.

@@ -8,7 +8,7 @@ import torch
 from ..errors import Sub8Error
 from ..prepare import PreparedModel
 from ..quant.embedding import quant_embeddings
-from ..quant.layers import quant_inputs, run_observed
+from ..quant.layers import QuantLayer, quant_inputs, run_observed
 from ..quant.ranges import estimate
 
 SAMPLE_CAP = 2 ** 19  # observed values kept per activation for percentile/MSE searches
@@ -45,9 +45,12 @@ class ActivationObserver:
 
 @torch.no_grad()
 def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str = "mse",
-                     percentile: float = 99.99, batch_size: int = 32, seed: int = 0) -> dict:
-    """Set every quantizer's step and zero point. Returns the activation ranges seen."""
-    weighted = {**prepared.quant_layers(), **quant_embeddings(prepared.module)}
+                     percentile: float = 99.99, batch_size: int = 32, seed: int = 0,
+                     layers: bool = True) -> dict:
+    """Set every quantizer's step and zero point (`layers=False`: only those outside the
+    QuantLayers, i.e. embedding tables and attention operands, which bit allocation leaves
+    alone). Returns the activation ranges seen."""
+    weighted = {**(prepared.quant_layers() if layers else {}), **quant_embeddings(prepared.module)}
     for layer in weighted.values():
         wq = layer.weight_quantizer
         if wq.enabled:
@@ -57,10 +60,12 @@ def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str =
     device = next(prepared.module.parameters()).device
     n_batches = -(-len(calib) // batch_size)
     generator = torch.Generator().manual_seed(seed)
-    sites = quant_inputs(prepared.module)  # layer inputs and attention operands
+    sites = {name: site for name, site in quant_inputs(prepared.module).items()  # layer inputs, attention operands
+             if layers or not isinstance(site, QuantLayer)}
     observers = {name: ActivationObserver(name, max(1, SAMPLE_CAP // n_batches), generator)
                  for name, site in sites.items() if site.input_quantizer.enabled}
-    run_observed(prepared.module, observers, calib, batch_size)
+    if observers:
+        run_observed(prepared.module, observers, calib, batch_size)
 
     seen = {}
     for name, obs in observers.items():
