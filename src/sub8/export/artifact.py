@@ -24,7 +24,7 @@ from ..errors import Sub8Error
 from ..pipeline import QuantizedModel
 from ..prepare import prepare
 from ..quant.embedding import quant_embeddings
-from ..quant.layers import QuantInput, QuantLayer, quant_inputs, quant_layers
+from ..quant.layers import QuantInput, quant_inputs, quant_layers
 from ..quant.quantizer import Quantizer, grid
 from ..report import write_bytes_atomic
 from ..zoo import load_model
@@ -72,12 +72,19 @@ def _input_tensors(name: str, iq: Quantizer) -> dict:
     return tensors
 
 
-def _layer_tensors(name: str, layer: QuantLayer) -> tuple[dict, dict]:
-    wq, iq = layer.weight_quantizer, layer.input_quantizer
-    header = {"weight_shape": list(layer.layer.weight.shape), "weight": _grid_header(wq, 0),
-              "input": _grid_header(iq, None)}
-    return header, {f"{name}.bias": layer.layer.bias.detach().cpu().float(),
-                    **_weight_tensors(name, layer.layer.weight, wq), **_input_tensors(name, iq)}
+def _module_tensors(section: str, name: str, m) -> tuple[dict, dict]:
+    """(header entry, tensors) of one quantized module: a layer (weight, bias, input), an
+    embedding table (weight) or an operand (input)."""
+    if section == "inputs":
+        return _grid_header(m.input_quantizer, None), _input_tensors(name, m.input_quantizer)
+    wq = m.weight_quantizer
+    header = {"weight_shape": list(m.layer.weight.shape), "weight": _grid_header(wq, 0)}
+    tensors = _weight_tensors(name, m.layer.weight, wq)
+    if section == "layers":
+        header["input"] = _grid_header(m.input_quantizer, None)
+        tensors.update({f"{name}.bias": m.layer.bias.detach().cpu().float(),
+                        **_input_tensors(name, m.input_quantizer)})
+    return header, tensors
 
 
 def _quantized_modules(module: torch.nn.Module) -> dict[str, dict]:
@@ -94,14 +101,7 @@ def save(qmodel: QuantizedModel, out_dir: str, spec: str, input_shape: tuple[int
     for section, modules in _quantized_modules(qmodel.module).items():
         sections[section] = {}
         for name, m in modules.items():
-            if section == "layers":
-                sections[section][name], own = _layer_tensors(name, m)
-            elif section == "embeddings":
-                wq = m.weight_quantizer
-                sections[section][name] = {"weight_shape": list(m.layer.weight.shape), "weight": _grid_header(wq, 0)}
-                own = _weight_tensors(name, m.layer.weight, wq)
-            else:
-                sections[section][name], own = _grid_header(m.input_quantizer, None), _input_tensors(name, m.input_quantizer)
+            sections[section][name], own = _module_tensors(section, name, m)
             tensors.update(own)
             covered.update(k for k in state if k.startswith(name + "."))
     for key, value in state.items():
