@@ -173,6 +173,19 @@ def test_advanced_reports_each_candidates_adaquant(tmp_path, calib):
     assert again["candidates"] == a["candidates"] and again["cache"]["misses"] == 0
 
 
+def test_first_and_last_layers_can_join_the_allocation(tmp_path, calib):
+    model = peaky_tiny()
+    fixed = quantize(model, calib, light(tmp_path, size_ratio=0.2)).report
+    joined = quantize(model, calib, light(tmp_path, size_ratio=0.2, first_last=True)).report
+    names = [layer["name"] for layer in fixed["layers"]]
+    assert set(fixed["allocate"]["choice"]) == set(names[1:-1])
+    assert set(joined["allocate"]["choice"]) == set(names)
+    assert joined["size"]["ratio"] <= 0.2 and joined["allocate"]["cache"]["hits"] == 0  # its own candidates
+    # below what the fixed 8-bit first and last layers allow, a budget is now reachable
+    low = quantize(model, calib, light(tmp_path, size_ratio=0.15, first_last=True)).report
+    assert low["size"]["ratio"] <= 0.15
+
+
 def test_latency_budget(tmp_path, calib):
     import json
     model = peaky_tiny()
@@ -193,7 +206,7 @@ def test_allocation_config_errors(tmp_path, calib):
     model = peaky_tiny()
     with pytest.raises(Sub8Error, match="needs a budget"):
         quantize(model, calib, light(tmp_path))
-    with pytest.raises(Sub8Error, match=r"size_ratio 0.01 \(the least reachable is 0.17"):
+    with pytest.raises(Sub8Error, match=r"size_ratio 0.01 \(the least reachable is 0.17.*--allocate-first-last"):
         quantize(model, calib, light(tmp_path, size_ratio=0.01))
     with pytest.raises(Sub8Error, match="matches no layer"):
         quantize(model, calib, light(tmp_path, size_ratio=0.2, ties=("nothing*",)))

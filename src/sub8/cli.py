@@ -109,6 +109,9 @@ def quant_options(fn):
         click.option("--tie", multiple=True, help="PAT1,PAT2,...: matching layers get one precision (repeatable)"),
         click.option("--sensitivity-samples", type=int, default=None,
                      help="measure sensitivities on the first N calibration samples [default: all]"),
+        click.option("--allocate-first-last", is_flag=True,
+                     help="bit allocation also chooses the first and last layers' precision "
+                          "(else they hold --first-last-bits)"),
         click.option("--solver", type=click.Choice(SOLVERS), default="milp", show_default=True,
                      help="milp (exact) or greedy (baseline)"),
         click.option("--cache-dir", default=None, help="where allocation candidates and sensitivities are "
@@ -135,7 +138,7 @@ def build_config(o: dict) -> QuantConfig:
         precisions=tuple(parse_precision(p) for p in o["precisions"].split(",") if p.strip()),
         base=parse_precision(o["base_bits"]), size_ratio=o["size_ratio"], bops_ratio=o["bops_ratio"],
         latency_ms=o["latency_ms"], latency_table=o["latency_table"], max_degradation=o["max_degradation"],
-        ties=tuple(o["tie"]), solver=o["solver"],
+        ties=tuple(o["tie"]), solver=o["solver"], first_last=o["allocate_first_last"],
         sensitivity_samples=o["sensitivity_samples"])
     bias_tuning = BiasTuningConfig(iters=o["bias_iters"], batch_size=o["bias_batch_size"], lr=o["bias_lr"],
                                    holdout=o["holdout"], last_input_range=o["bias_tune_last_range"])

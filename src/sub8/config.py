@@ -82,6 +82,8 @@ class AllocationConfig:
     ties: tuple[str, ...] = ()      # each "pat1,pat2": the matching layers share one precision
     sensitivity_samples: int | None = None  # measure sensitivities on the first N samples (None: all)
     solver: str = "milp"            # milp (exact) or greedy (the baseline)
+    # The first and last layers join the allocation instead of holding first_last_bits.
+    first_last: bool = False
 
     def __post_init__(self):
         self.precisions = tuple(tuple(parse_bits(b) for b in p) for p in self.precisions)

@@ -5,6 +5,7 @@ model + calibration data -> prepare -> steps -> evaluate. A new method is a new 
 
 from __future__ import annotations
 
+import glob
 import time
 from dataclasses import dataclass, field, replace
 
@@ -76,8 +77,13 @@ def step_allocate(run: Run) -> dict:
     """Bit allocation: the steps before it in the pipeline run once per candidate precision."""
     c = run.config
 
+    first_last = {}
+    if c.allocation.first_last:  # candidates at `precision` for them too (name patterns, escaped)
+        first_last = dict.fromkeys(glob.escape(run.prepared.layers[i].name) for i in (0, -1))
+
     def run_recipe(precision) -> tuple[PreparedModel, dict]:
-        config = replace(c, w_bits=precision[0], a_bits=precision[1], steps=run.recipe)
+        layer_bits = {**{name: precision for name in first_last}, **c.layer_bits}
+        config = replace(c, w_bits=precision[0], a_bits=precision[1], layer_bits=layer_bits, steps=run.recipe)
         prepared = prepare(run.model, run.calib[:1], config)
         sub = Run(config, prepared, run.calib)
         records = {name: STEPS[name](sub) for name in run.recipe}

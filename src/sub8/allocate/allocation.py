@@ -138,7 +138,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
     common = fingerprint(tensor_digest(model.state_dict().values()), type(model).__qualname__,
                          tensor_digest([calib]), recipe, adaquant, config.ranges, config.percentile,
                          config.w_symmetric, config.a_symmetric, config.first_last_bits,
-                         config.embedding_bits, config.quantize_attention and config.a_bits,
+                         config.embedding_bits, config.quantize_attention and config.a_bits, cfg.first_last,
                          sorted(config.layer_bits.items()), config.seed, config.forward_batch,
                          str(config.device))
 
@@ -175,12 +175,18 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
     costs, const, ref = cost_tables(prepared, layers, states, precisions, latency)
     problem = Problem(layers, precisions, table, *problem_costs(costs, const, ref), tie_groups(cfg.ties, layers))
     budgets = {name: getattr(cfg, name) for name in BUDGETS if getattr(cfg, name) is not None}
-    if cfg.max_degradation is not None:
-        choice = minimize_cost(problem, "size_ratio", cfg.max_degradation, budgets)
-    elif cfg.solver == "greedy":
-        choice = greedy(problem, budgets)
-    else:
-        choice = minimize_degradation(problem, budgets)
+    try:
+        if cfg.max_degradation is not None:
+            choice = minimize_cost(problem, "size_ratio", cfg.max_degradation, budgets)
+        elif cfg.solver == "greedy":
+            choice = greedy(problem, budgets)
+        else:
+            choice = minimize_degradation(problem, budgets)
+    except Sub8Error as exc:
+        if cfg.first_last or not {order[0], order[-1]} - set(layers):
+            raise
+        raise Sub8Error(f"{exc}; the first and last layers hold --first-last-bits "
+                        f"(--allocate-first-last lets the program choose theirs too)") from None
     timings["solve"] = time.perf_counter() - start
 
     for i, n in enumerate(layers):
