@@ -80,7 +80,7 @@ def test_bias_tuning_reduces_heldout_kl():
     weights = {n: p.clone() for n, p in prepared.module.named_parameters() if not n.endswith("bias")}
     record = tune_biases(prepared, calib, BiasTuningConfig(iters=150, batch_size=16, lr=3e-3, holdout=0.25))
     assert record["n_heldout"] == 12
-    assert record["heldout_loss_after"] < 0.8 * record["heldout_loss_before"]
+    assert record["heldout_loss_after"] < 0.8 * record["heldout_loss_before"] and not record["reverted"]
     for n, p in prepared.module.named_parameters():  # only biases moved
         if n in weights:
             assert torch.equal(p, weights[n]), n
@@ -103,7 +103,20 @@ def test_bias_tuning_can_train_the_last_layers_input_range():
     assert moved["step_after"] == last.step.item() != step and last.step.item() > 0
     # at most range_lr x the initial step per iteration (Adam's bound), and it still helps
     assert abs(moved["step_after"] - step) <= 150 * 1e-2 * step
-    assert record["heldout_loss_after"] < 0.8 * record["heldout_loss_before"]
+    assert record["heldout_loss_after"] < 0.8 * record["heldout_loss_before"] and not record["reverted"]
     for n, p in prepared.module.named_parameters():  # nothing else moved
         if n in others:
             assert torch.equal(p, others[n]), n
+
+
+def test_bias_tuning_that_hurts_the_heldout_loss_is_undone():
+    model = tiny()[0]
+    with torch.no_grad():
+        model.fc.weight.mul_(40)
+    prepared, calib = quantized(4, 4, model=model)
+    with torch.no_grad():
+        before = prepared.module(calib)
+    record = tune_biases(prepared, calib, BiasTuningConfig(iters=20, batch_size=4, lr=10.0, holdout=0.25))
+    assert record["heldout_loss_after"] > record["heldout_loss_before"] and record["reverted"]
+    with torch.no_grad():
+        assert torch.equal(prepared.module(calib), before)

@@ -4,7 +4,8 @@ float model's on the calibration set, without labels.
 Loss: KL(float || quantized) of the softmax outputs for classifiers, or the mean squared error of
 the outputs for feature extractors (the allocation's sensitivity loss). Every other tensor stays
 frozen; quantizers round with straight-through gradients. A held-out share of the calibration
-samples never enters training and reports the loss before and after, so over-fitting shows.
+samples never enters training and reports the loss before and after, so over-fitting shows;
+when the held-out loss got worse, the trained tensors are put back as they were (`reverted`).
 Optionally (`last_input_range`) the last layer's input step trains too: the range of the
 features the classifier reads, which clipping or a coarse grid hurts most at low bits.
 """
@@ -53,6 +54,7 @@ def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningCon
         rates.append(cfg.range_lr * last.step.item())
     frozen = [p for p in module.parameters() if p.requires_grad]
     before = held_loss()
+    start = [t.detach().clone() for t in trained]
     for p in frozen:
         p.requires_grad_(False)
     for b in trained:
@@ -73,10 +75,17 @@ def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningCon
             b.grad = None
         for p in frozen:
             p.requires_grad_(True)
-    record = {"settings": asdict(cfg), "loss": loss, "n_train": len(train), "n_heldout": len(held),
-              "heldout_loss_before": before, "heldout_loss_after": held_loss()}
     if range_record is not None:
         with torch.no_grad():
             last.step.clamp_(min=1e-12)  # a step must stay positive
+    after = held_loss()
+    reverted = after > before
+    if reverted:
+        with torch.no_grad():
+            for t, t0 in zip(trained, start):
+                t.copy_(t0)
+    record = {"settings": asdict(cfg), "loss": loss, "n_train": len(train), "n_heldout": len(held),
+              "heldout_loss_before": before, "heldout_loss_after": after, "reverted": reverted}
+    if range_record is not None:
         record["last_input_range"] = {**range_record, "step_after": last.step.item()}
     return record
