@@ -321,7 +321,9 @@ def print_summary(report: dict, out_dir: str) -> None:
     layers = report["layers"]
     recipe = ",".join(c["steps"]) if c["steps"] else c["pipeline"]
     click.echo(f"sub8: {report['model']['spec']}  steps={recipe}  W{fmt_bits(c['w_bits'])}"
-               f"A{fmt_bits(c['a_bits'])}  first/last={fmt_bits(c['first_last_bits'])}  ranges={c['ranges']}")
+               f"A{fmt_bits(c['a_bits'])}  first/last="
+               f"{'allocated' if 'allocate' in report and c['allocation']['first_last'] else fmt_bits(c['first_last_bits'])}"
+               f"  ranges={c['ranges']}")
     click.echo(f"  {len(layers)} layers quantized on {report['calibration']['n_images']} calibration samples;"
                f" weight size {report['size']['weight_bits'] / 8e6:.2f} MB"
                f" ({100 * report['size']['ratio']:.1f}% of float32)")
