@@ -8,7 +8,7 @@ import torch
 from ..errors import Sub8Error
 from ..prepare import PreparedModel
 from ..quant.embedding import quant_embeddings
-from ..quant.layers import QuantLayer, quant_inputs, run_observed
+from ..quant.layers import quant_inputs, quant_operands, run_observed
 from ..quant.ranges import estimate
 
 SAMPLE_CAP = 2 ** 19  # observed values kept per activation for percentile/MSE searches
@@ -60,8 +60,8 @@ def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str =
     device = next(prepared.module.parameters()).device
     n_batches = -(-len(calib) // batch_size)
     generator = torch.Generator().manual_seed(seed)
-    sites = {name: site for name, site in quant_inputs(prepared.module).items()  # layer inputs, attention operands
-             if layers or not isinstance(site, QuantLayer)}
+    # layer inputs and attention operands, or the operands alone
+    sites = quant_inputs(prepared.module) if layers else quant_operands(prepared.module)
     observers = {name: ActivationObserver(name, max(1, SAMPLE_CAP // n_batches), generator)
                  for name, site in sites.items() if site.input_quantizer.enabled}
     if observers:

@@ -24,7 +24,7 @@ from ..errors import Sub8Error
 from ..pipeline import QuantizedModel
 from ..prepare import prepare
 from ..quant.embedding import quant_embeddings
-from ..quant.layers import QuantInput, quant_inputs, quant_layers
+from ..quant.layers import quant_layers, quant_operands
 from ..quant.quantizer import Quantizer, grid
 from ..report import write_bytes_atomic
 from ..zoo import load_model
@@ -90,7 +90,7 @@ def _module_tensors(section: str, name: str, m) -> tuple[dict, dict]:
 def _quantized_modules(module: torch.nn.Module) -> dict[str, dict]:
     """{header section: {name: module}} of everything stored as integers or grids."""
     return {"layers": quant_layers(module), "embeddings": quant_embeddings(module),
-            "inputs": {n: m for n, m in quant_inputs(module).items() if isinstance(m, QuantInput)}}
+            "inputs": quant_operands(module)}
 
 
 def save(qmodel: QuantizedModel, out_dir: str, spec: str, input_shape: tuple[int, ...],

@@ -57,11 +57,14 @@ def _onnx():
     return onnx, TensorProto, helper
 
 
+def _w8a8_conv(layer: QuantLayer) -> bool:
+    return isinstance(layer.layer, nn.Conv2d) and layer.w_bits == 8 and layer.a_bits == 8
+
+
 def integer_conv(layer: QuantLayer) -> bool:
     """A layer that ONNX Runtime runs on its integer QLinearConv: a W8A8 conv with symmetric
     weights (per-channel zero points send QLinearConv to a path about 50x slower than float)."""
-    return (isinstance(layer.layer, nn.Conv2d) and layer.w_bits == 8 and layer.a_bits == 8
-            and layer.weight_quantizer.symmetric)
+    return _w8a8_conv(layer) and layer.weight_quantizer.symmetric
 
 
 class _Builder:
@@ -289,8 +292,7 @@ def export_onnx(run_dir: str, onnx_path: str) -> dict:
     model, storage = to_onnx(qmodel.module, tuple(header["input_shape"]))
     write_bytes_atomic(onnx_path, model.SerializeToString())
     layers = qmodel.prepared.quant_layers().values()
-    asymmetric = sum(1 for layer in layers if isinstance(layer.layer, nn.Conv2d) and layer.w_bits == 8
-                     and layer.a_bits == 8 and not layer.weight_quantizer.symmetric)
+    asymmetric = sum(1 for layer in layers if _w8a8_conv(layer) and not layer.weight_quantizer.symmetric)
     if asymmetric:
         warnings.warn(f"{asymmetric} W8A8 convolutions have per-channel weight zero points: ONNX Runtime runs them "
                       f"as float convolutions (quantize with --w-symmetric for its integer kernels)")

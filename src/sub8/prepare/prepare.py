@@ -12,7 +12,7 @@ from torch import fx, nn
 from ..config import QuantConfig
 from ..errors import Sub8Error
 from ..quant.embedding import QuantEmbedding, quant_embeddings
-from ..quant.layers import QuantInput, QuantLayer, quant_inputs, quant_layers
+from ..quant.layers import QuantLayer, quant_layers, quant_operands
 from .fold import fold_batchnorm
 from .graph import LayerInfo, analyze, capture, count_macs
 
@@ -39,7 +39,7 @@ class PreparedModel:
         """What is quantized besides the layers: embedding tables and attention operands."""
         tables = {name: {"bits": m.w_bits, "shape": list(m.layer.weight.shape)}
                   for name, m in quant_embeddings(self.module).items()}
-        bits = {m.input_quantizer.bits for m in quant_inputs(self.module).values() if isinstance(m, QuantInput)}
+        bits = {m.input_quantizer.bits for m in quant_operands(self.module).values()}
         return {"embeddings": tables,
                 "attention": {"modules": self.attention_modules, "bits": bits.pop() if len(bits) == 1 else None,
                               "operands": ["query", "key", "probs", "value"] if self.attention_modules else []}}

@@ -7,7 +7,6 @@ as quantizing the whole table and then looking up, at the cost of the batch, not
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .quantizer import Quantizer

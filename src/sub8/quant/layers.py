@@ -90,6 +90,10 @@ class QuantInput(nn.Module):
         return self.input_quantizer(x)
 
 
+def quant_operands(module: nn.Module) -> dict[str, QuantInput]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, QuantInput)}
+
+
 def quant_inputs(module: nn.Module) -> dict[str, QuantLayer | QuantInput]:
     """Every quantized activation site: each layer's input and each QuantInput, by name."""
     return {name: m for name, m in module.named_modules() if isinstance(m, (QuantLayer, QuantInput))}
