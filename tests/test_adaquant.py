@@ -7,8 +7,8 @@ from torch import nn
 from sub8 import QuantConfig, Sub8Error, calibrate_ranges, prepare
 from sub8.calibrate import AdaQuantConfig, adaquant
 from sub8.calibrate.adam import MultiTensorAdam
-from sub8.calibrate.adaquant import (ACTIVATION_BOUNDS, ACTIVATIONS, activation_mse, capture_inputs,
-                                     per_sample_bytes)
+from sub8.calibrate.adaquant import (ACTIVATION_BOUNDS, ACTIVATIONS, BatchBuffers, capture_inputs,
+                                     per_sample_bytes, reconstruction_grad)
 from tinymodels import TinyNet, randomize_bn
 
 adaquant_module = importlib.import_module("sub8.calibrate.adaquant")  # the name `adaquant` is the function
@@ -133,15 +133,31 @@ def test_sequential_inputs_are_the_quantized_models_inputs_for_all_samples(optim
 
 
 @pytest.mark.parametrize("followed", [None, "relu", "relu6"])
-def test_fused_reconstruction_loss_matches_autograd(followed):
+def test_reconstruction_grad_matches_autograd(followed):
     torch.manual_seed(0)
     out = (torch.randn(8, 5, 6, 6, dtype=torch.float64) * 4).requires_grad_()
     target = ACTIVATIONS[followed](torch.randn_like(out) * 4)
-    fused = activation_mse(out, target, ACTIVATION_BOUNDS[followed])
     reference = torch.nn.functional.mse_loss(ACTIVATIONS[followed](out), target)
-    assert torch.allclose(fused, reference, rtol=1e-12)
-    assert torch.allclose(torch.autograd.grad(fused, out)[0], torch.autograd.grad(reference, out)[0],
-                          rtol=1e-12, atol=1e-15)
+    expected = torch.autograd.grad(reference, out)[0]
+    buffer = target.clone()
+    grad = reconstruction_grad(out.detach(), buffer, ACTIVATION_BOUNDS[followed])
+    assert grad.data_ptr() == buffer.data_ptr()  # written over the target's buffer
+    # the mean's 2/N is applied to the parameters' gradients in optimize()
+    assert torch.allclose(grad * (2.0 / out.numel()), expected, rtol=1e-12, atol=1e-15)
+    if followed is not None:
+        assert (grad[out <= 0] == 0).all()
+
+
+def test_batch_buffers_gather_the_rows_in_the_cache_layout():
+    cache = torch.randn(20, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    buffers = BatchBuffers()
+    first = buffers.gather("x", cache, torch.tensor([3, 1, 3, 19]))
+    assert torch.equal(first, cache[[3, 1, 3, 19]]) and first.is_contiguous(memory_format=torch.channels_last)
+    second = buffers.gather("x", cache, torch.tensor([0, 2, 4, 6]))
+    assert second.data_ptr() == first.data_ptr() and torch.equal(second, cache[[0, 2, 4, 6]])
+    assert buffers.gather("y", cache, torch.tensor([0, 2, 4, 6])).data_ptr() != first.data_ptr()
+    half = buffers.gather("x", cache.half(), torch.tensor([5, 6, 7, 8]))  # an fp16 cache, in float32
+    assert half.dtype == torch.float32 and torch.equal(half, cache.half()[5:9].float())
 
 
 def test_multi_tensor_adam_is_torch_adam_with_one_rate_per_tensor():
