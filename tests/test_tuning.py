@@ -1,6 +1,5 @@
 """BN tuning and bias tuning, measured on a small conv+BN model."""
 
-import pytest
 import torch
 
 from sub8 import QuantConfig, prepare

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -167,6 +168,12 @@ def as_tensor(data) -> torch.Tensor:
     return tensor.float()
 
 
+def fidelity(prepared, config, eval_images, float_logits, eval_labels, output, probe) -> dict:
+    """The quantized model's metrics against the float model's outputs (evaluate.compare)."""
+    quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
+    return compare(float_logits, quant_logits, eval_labels, output, probe)
+
+
 def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
              eval_images: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
              float_logits: torch.Tensor | None = None, fresh: bool = False, probe=None) -> QuantizedModel:
@@ -194,10 +201,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
             if float_logits is None:
                 float_logits = predict(model.to(config.device).eval(), eval_images,
                                        config.forward_batch, config.device)
-
-        def evaluate() -> dict:
-            quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
-            return compare(float_logits, quant_logits, eval_labels, output, probe)
+        evaluate = partial(fidelity, prepared, config, eval_images, float_logits, eval_labels, output, probe)
     records, metrics = {}, None
     eval_key = None if eval_images is None else tensor_digest([eval_images])
     for k, name in enumerate(steps):
