@@ -1,9 +1,11 @@
 """Bit allocation by integer programming vs uniform precision and a greedy allocation, on a zoo
-model with the benchmark photo set (light pipeline: range calibration, then allocation).
+model with the benchmark photo set: range calibration then allocation (`--after bn_tuning,bias_tuning`
+adds the rest of the light pipeline).
 
     python benchmarks/bench_allocation.py --photos data/bench-photos [--samples 256] \
         [--size-precisions W8A8,W6A8,W4A8,W3A8,W2A8] [--bops-precisions W8A8,W4A8,W4A4,W2A4] \
-        [--pareto 0.10,0.125,0.15,0.175,0.20,0.25]
+        [--pareto 0.10,0.125,0.15,0.175,0.20,0.25] [--size-only | --bops-only] \
+        [--after bn_tuning,bias_tuning]
 
 1. Weight memory as the only budget, at the size of uniform W4A8 (activations then cost
    nothing, so every candidate has 8-bit activations): milp vs greedy vs uniform W4A8.
@@ -54,6 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pareto", default="0.10,0.125,0.15,0.175,0.20,0.25")
     ap.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder (a cold first run)")
     ap.add_argument("--uniform-only", action="store_true", help="only the uniform-precision rows")
+    ap.add_argument("--size-only", action="store_true", help="only the weight-memory experiment")
     ap.add_argument("--bops-only", action="store_true", help="only the BOPs experiment")
     ap.add_argument("--after", default="", help="steps after allocation, e.g. bn_tuning (default: none)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "allocation.json"))
@@ -105,6 +108,11 @@ def main(argv=None) -> int:
     if args.uniform_only:
         for p in dict.fromkeys(size_p + bops_p):
             uniform("uniform", p)
+        return 0
+    if args.size_only:
+        run("size", "milp", size_p, size_ratio=size_w4a8)
+        run("size", "greedy", size_p, size_ratio=size_w4a8, solver="greedy")
+        uniform("size", (4, 8))
         return 0
     if args.bops_only:
         run("bops", "milp", bops_p, bops_ratio=bops_w4a4)
