@@ -3,7 +3,7 @@ photo set, per bit width and AdaQuant mode, with the time of each run.
 
     python benchmarks/bench_adaquant_quality.py --photos data/bench-photos \
         [--bits W4A8,W4A4] [--methods rtn,parallel,sequential,parallel+bias_correction] \
-        [--iters 1000] [--batch-size 50] \
+        [--iters 1000] [--batch-size 50] [--lr-weight 1e-3] \
         [--samples 256] [--device cpu|cuda]
 
 First and last layers stay at 8 bits. Prints a table; writes JSON
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--iters", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument("--lr-weight", type=float, default=AdaQuantConfig.lr_weight,
+                    help="relative (grid steps); 1e-2 at 100 iterations moves weights as far as 1e-3 at 1000")
     ap.add_argument("--max-memory", type=float, default=4.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "adaquant_quality.json"))
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
     model = loaded.module.eval()
     float_logits = predict(model.to(args.device), evals, 64, args.device)
     print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation images, device {args.device}, "
-          f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}", flush=True)
+          f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}, lr-weight {args.lr_weight:g}", flush=True)
     print(f"{'bits':<6} {'method':<24} {'conf top1':>9} {'top1':>6} {'KL':>7} {'seconds':>8} "
           f"{'RSS MB':>7} {'CUDA MB':>7} {'MSE after/before':>16}", flush=True)
     rows = []
@@ -68,6 +70,7 @@ def main(argv=None) -> int:
                                  adaquant=AdaQuantConfig(mode=mode if mode != "rtn" else "parallel",
                                                          iters=args.iters,
                                                          batch_size=args.batch_size,
+                                                         lr_weight=args.lr_weight,
                                                          max_memory_gb=args.max_memory))
             start = time.perf_counter()
             result = quantize(model, calib, config, eval_images=evals, float_logits=float_logits)
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
                   f"{ratio:>16}", flush=True)
             model = model.to(args.device)
             write_json(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
-                                   "iters": args.iters, "batch_size": args.batch_size,
+                                   "iters": args.iters, "batch_size": args.batch_size, "lr_weight": args.lr_weight,
                                    "device": args.device, "versions": versions(), "rows": rows})
     return 0
 
