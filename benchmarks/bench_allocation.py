@@ -109,23 +109,26 @@ def main(argv=None) -> int:
         for p in dict.fromkeys(size_p + bops_p):
             uniform("uniform", p)
         return 0
-    if args.size_only:
-        run("size", "milp", size_p, size_ratio=size_w4a8)
+    def size_experiment():  # milp, greedy and uniform W4A8 at the size of uniform W4A8
+        first = run("size", "milp (cold cache)", size_p, size_ratio=size_w4a8)
         run("size", "greedy", size_p, size_ratio=size_w4a8, solver="greedy")
         uniform("size", (4, 8))
-        return 0
-    if args.bops_only:
+        return first
+
+    def bops_experiment():  # milp, greedy and uniform W4A4 at the BOPs of uniform W4A4
         run("bops", "milp", bops_p, bops_ratio=bops_w4a4)
         run("bops", "greedy", bops_p, bops_ratio=bops_w4a4, solver="greedy")
         uniform("bops", (4, 4))
+
+    if args.size_only:
+        size_experiment()
         return 0
-    first = run("size", "milp (cold cache)", size_p, size_ratio=size_w4a8)
-    run("size", "greedy", size_p, size_ratio=size_w4a8, solver="greedy")
+    if args.bops_only:
+        bops_experiment()
+        return 0
+    first = size_experiment()
     second = run("size", "milp 0.9x budget", size_p, size_ratio=0.9 * size_w4a8)
-    uniform("size", (4, 8))
-    run("bops", "milp", bops_p, bops_ratio=bops_w4a4)
-    run("bops", "greedy", bops_p, bops_ratio=bops_w4a4, solver="greedy")
-    uniform("bops", (4, 4))
+    bops_experiment()
     solve = second["allocate_seconds"]
     first_total = first["allocate_seconds"]
     print(f"second solve (cached): allocate step {sum(solve.values()):.1f} s vs first {sum(first_total.values()):.1f} s "
