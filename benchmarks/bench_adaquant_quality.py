@@ -6,7 +6,8 @@ photo set, per bit width and AdaQuant mode, with the time of each run.
         [--iters 1000] [--batch-size 50] [--lr-weight 1e-3] \
         [--samples 256] [--device cpu|cuda]
 
-First and last layers stay at 8 bits. Prints a table; writes JSON
+The faster CPU setting (the README's): --methods sequential --iters 100 --batch-size 16
+--lr-weight 1e-2. First and last layers stay at 8 bits. Prints a table; writes JSON
 (default benchmarks/results/adaquant_quality.json).
 """
 
