@@ -62,11 +62,12 @@ def test_adaquant_halves_heldout_mse_of_minmax_rtn_at_w4a4(kind):
 @pytest.fixture
 def optimize_calls(monkeypatch):
     """Records, per layer, the inputs and the following activation that AdaQuant's optimize() was given."""
-    seen = {"xs": {}, "followed": {}}
+    seen = {"xs": {}, "ys": {}, "followed": {}}
     real = adaquant_module.optimize
 
     def spy(layers, xs, ys, followed, *args, **kwargs):
         seen["xs"].update({k: v.clone() for k, v in xs.items()})
+        seen["ys"].update({k: v.clone() for k, v in ys.items()})
         seen["followed"].update(followed)
         return real(layers, xs, ys, followed, *args, **kwargs)
 
@@ -130,6 +131,41 @@ def test_sequential_inputs_are_the_quantized_models_inputs_for_all_samples(optim
         assert torch.equal(used[name], quantized[name]), name
         assert torch.equal(used[name][-5:], quantized[name][-5:])  # a late batch too
     assert not torch.equal(used["fc"], floats["fc"])  # really not the float inputs
+
+
+def test_sequential_targets_are_the_float_outputs_whatever_the_memory_budget(optimize_calls, monkeypatch):
+    """In sequential mode the float targets of a memory group come from one float pass: with a
+    budget that forces several groups the targets are still each layer's float output, and the
+    result equals the one-group run's exactly."""
+    float_passes = []
+    real_capture = adaquant_module.capture_inputs
+
+    def counting(module, names, *args, float_model):
+        float_passes.append(float_model)
+        return real_capture(module, names, *args, float_model=float_model)
+
+    monkeypatch.setattr(adaquant_module, "capture_inputs", counting)
+    model = randomize_bn(TinyNet())
+    x = torch.rand(36, 3, 32, 32)
+    tight, roomy = rtn(model, x), rtn(model, x)
+    cfg = dict(mode="sequential", iters=5, lr_weight=1e-3)
+    budget = tight_budget_gb(tight, x)
+    rec = adaquant(tight, x, AdaQuantConfig(**cfg, max_memory_gb=budget), forward_batch=8, show_progress=False)
+    assert 0 < rec["peak_cache_mb"] <= budget * 1024
+    names = [i.name for i in tight.layers]
+    assert float_passes.count(False) == len(names) and 1 < float_passes.count(True) < len(names)
+    info = {i.name: i for i in tight.layers}
+    floats = capture_inputs(tight.reference, names, x, 8, torch.float32, float_model=True)
+    for name, layer in adaquant_module.quant_layers(tight.reference).items():
+        with torch.no_grad():
+            expected = ACTIVATIONS[info[name].followed_by](layer.layer(floats[name]))
+        assert torch.allclose(optimize_calls["ys"][name], expected, rtol=1e-5, atol=1e-6), name
+    float_passes.clear()
+    adaquant(roomy, x, AdaQuantConfig(**cfg, max_memory_gb=1.0), forward_batch=8, show_progress=False)
+    assert float_passes.count(True) == 1
+    for k, v in tight.module.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, roomy.module.state_dict()[k]), k
 
 
 @pytest.mark.parametrize("followed", [None, "relu", "relu6"])

@@ -283,8 +283,21 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
     budget = int(cfg.max_memory_gb * 2 ** 30)
     cost = {k: v * len(calib) for k, v in per_sample_bytes(prepared, calib, elem).items()}
     groups = plan_groups(names, cost, budget)  # also refuses a layer that alone exceeds the budget
-    if cfg.mode == "sequential":  # each layer waits for the ones before it
-        groups = [[k] for k in names]
+    sequential = cfg.mode == "sequential"
+    if sequential:
+        # Each layer waits for the ones before it, but its float target does not: the targets
+        # of a whole memory group come from one float pass (one per layer made the float
+        # model's passes quadratic in depth), then each layer's quantized inputs from its own.
+        target_group = {k: i for i, g in enumerate(groups) for k in g}
+        target_groups, groups = groups, [[k] for k in names]
+    targets: dict[str, torch.Tensor] = {}  # sequential mode: the current memory group's, not yet used
+
+    def float_inputs_and_targets(group: list[str]):
+        xs_float = capture_inputs(float_module, group, calib, forward_batch, dtype, float_model=True)
+        return xs_float, {k: float_target(float_layers[k], xs_float[k], acts[k], forward_batch) for k in group}
+
+    def nbytes(*caches: dict) -> int:
+        return sum(t.numel() * t.element_size() for d in caches for t in d.values())
 
     records, peak_cache, optimize_seconds = {}, 0, 0.0
     bar = tqdm(total=len(names) * cfg.iters, desc=f"adaquant ({cfg.mode})", unit="it",
@@ -296,18 +309,24 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
             for k in group:
                 layers[k].load_state_dict(saved["states"][k])
                 records[k] = saved["records"][k]
+                targets.pop(k, None)
             resumed += 1
             bar.update(len(group) * cfg.iters)
             continue
         start = time.perf_counter()
-        xs_float = capture_inputs(float_module, group, calib, forward_batch, dtype, float_model=True)
-        ys = {k: float_target(float_layers[k], xs_float[k], acts[k], forward_batch) for k in group}
-        if cfg.mode == "sequential":  # the quantized model's own inputs, for every sample
+        if sequential:  # the quantized model's own inputs, for every sample
+            k = group[0]
+            if k not in targets:  # this layer's and the rest of its memory group's
+                rest = target_groups[target_group[k]]
+                xs_float, targets = float_inputs_and_targets(rest[rest.index(k):])
+                peak_cache = max(peak_cache, nbytes(xs_float, targets))
+                del xs_float
+            ys = {k: targets.pop(k)}
             xs = capture_inputs(prepared.module, group, calib, forward_batch, dtype, float_model=False)
-            del xs_float
+            peak_cache = max(peak_cache, nbytes(xs, ys, targets))
         else:
-            xs = xs_float
-        peak_cache = max(peak_cache, sum(t.numel() * t.element_size() for d in (xs, ys) for t in d.values()))
+            xs, ys = float_inputs_and_targets(group)
+            peak_cache = max(peak_cache, nbytes(xs, ys))
         h = held.to(calib.device)
         before = {k: reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch) for k in group}
         started = time.perf_counter()
