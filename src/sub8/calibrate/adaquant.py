@@ -10,8 +10,9 @@ per-parameter). Sequential: X' is the input that the already-quantized model bef
 produces, for every calibration sample.
 
 Inputs and targets are cached for a group of layers at a time, within `max_memory_gb`; the
-float model is re-run for each group (and in sequential mode the quantized model for each layer). A held-out share of the calibration samples never enters
-the optimization and measures each layer's reconstruction error before and after.
+float model is re-run for each group (and in sequential mode the quantized model for each
+layer). A held-out share of the calibration samples never enters the optimization and measures
+each layer's reconstruction error before and after.
 """
 
 from __future__ import annotations
