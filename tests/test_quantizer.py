@@ -94,6 +94,22 @@ def test_fused_fake_quant_matches_op_by_op_autograd_in_float64(x_shape, step_sha
     assert torch.equal(edge_grad[on_edge], torch.ones(int(on_edge.sum()), dtype=torch.float64))
 
 
+def test_fused_fake_quant_that_may_overwrite_its_gradient_gives_the_same_step_and_zero_gradients():
+    """AdaQuant's input quantizer: x is cached data (no gradient), and the backward masks the
+    incoming gradient in place; the step and zero-point gradients are those of the copying path."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 5, 5, dtype=torch.float64) * 3
+    step = torch.tensor(0.25, dtype=torch.float64, requires_grad=True)
+    zero = torch.tensor(5.0, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(4, 7, 5, 5, dtype=torch.float64)
+    copying = torch.autograd.grad(_FakeQuantSTE.apply(x, step, zero, 0, 15), (step, zero), grad)
+    scratch = grad.clone()
+    in_place = torch.autograd.grad(_FakeQuantSTE.apply(x, step, zero, 0, 15, True), (step, zero), scratch)
+    for a, b in zip(in_place, copying):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12) and a.abs() > 0
+    assert not torch.equal(scratch, grad)  # it was used as scratch (the gradient masked)
+
+
 def test_float_bits_pass_through():
     q = Quantizer(parse_bits("float"))
     x = torch.randn(10)

@@ -164,7 +164,7 @@ class LayerVariables:
         layer, steps = self.layer, self.log_steps
         if "input_quantizer" in steps:
             q, step0, u = steps["input_quantizer"]
-            x = q.fake_quant(x, step0 * torch.exp(u))
+            x = q.fake_quant(x, step0 * torch.exp(u), overwrite_grad=True)  # feeds the layer only
         q, step0, u = steps["weight_quantizer"]
         return layer.apply(x, q.fake_quant(self.weight * self.grid, step0 * torch.exp(u)), layer.layer.bias)
 

@@ -105,8 +105,9 @@ class _FakeQuantSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, step, zero, qmin: int, qmax: int):
+    def forward(ctx, x, step, zero, qmin: int, qmax: int, overwrite_grad: bool = False):
         ctx.x_range = None
+        ctx.overwrite_grad = overwrite_grad
         if x.is_cuda and step.numel() == 1 and x.dtype == torch.float32:
             y, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
                 x, step.reshape(1).float(), torch.round(zero).reshape(1).to(torch.int32),
@@ -128,23 +129,32 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, y, inside, step = ctx.saved_tensors
-        if ctx.x_range is not None:
-            grad_x = torch.ops.aten.hardtanh_backward(grad, x, *ctx.x_range)
-        else:
-            grad_x = torch.where(inside, grad, 0.0)  # (a float * bool product is 2x slower on CPU)
+        need_x, need_step, need_zero = ctx.needs_input_grad[:3]
         grad_step = grad_zero = None
         if step.numel() == 1:
-            if ctx.needs_input_grad[1]:
-                grad_step = (_dot(grad, y) - _dot(grad_x, x)).reshape(step.shape) / step
-            if ctx.needs_input_grad[2]:
-                grad_zero = (grad_x.sum() - grad.sum()).reshape(step.shape) * step
+            # The sums over `grad` first: then, where the caller allows it and x needs no
+            # gradient (AdaQuant's cached inputs), the mask goes into `grad` in place (a fresh
+            # tensor the size of x cost twice the masking pass itself on CPU).
+            grad_dot_y = _dot(grad, y) if need_step else None
+            grad_sum = grad.sum() if need_zero else None
+            if ctx.x_range is not None:
+                in_place = ctx.overwrite_grad and not need_x
+                grad_x = torch.ops.aten.hardtanh_backward.grad_input(
+                    grad, x, *ctx.x_range, grad_input=grad if in_place else torch.empty_like(grad))
+            else:
+                grad_x = torch.where(inside, grad, 0.0)  # (a float * bool product is 2x slower on CPU)
+            if need_step:
+                grad_step = (grad_dot_y - _dot(grad_x, x)).reshape(step.shape) / step
+            if need_zero:
+                grad_zero = (grad_x.sum() - grad_sum).reshape(step.shape) * step
         else:
+            grad_x = torch.where(inside, grad, 0.0)
             dims = [d for d in range(x.dim()) if step.shape[d] == 1]
-            if ctx.needs_input_grad[1]:
+            if need_step:
                 grad_step = ((grad * y).sum(dims) - (grad_x * x).sum(dims)).reshape(step.shape) / step
-            if ctx.needs_input_grad[2]:
+            if need_zero:
                 grad_zero = (grad_x.sum(dims) - grad.sum(dims)).reshape(step.shape) * step
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_step, grad_zero, None, None
+        return (grad_x if need_x else None), grad_step, grad_zero, None, None, None
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -230,9 +240,12 @@ class Quantizer(nn.Module):
         step, zero = self._step_zero(codes.dim())
         return (codes - zero) * step
 
-    def fake_quant(self, x: torch.Tensor, step: torch.Tensor | None = None) -> torch.Tensor:
+    def fake_quant(self, x: torch.Tensor, step: torch.Tensor | None = None,
+                   overwrite_grad: bool = False) -> torch.Tensor:
         """x rounded onto the grid and back (ignores `bypass`); `step` replaces the stored step
-        (AdaQuant passes the one it optimizes)."""
+        (AdaQuant passes the one it optimizes). `overwrite_grad`: the output feeds only an op
+        whose backward makes a fresh gradient (a conv, a linear), which the backward may then
+        reuse as scratch memory."""
         if self.bits is None:
             return x
         if not self.initialized:
@@ -241,7 +254,7 @@ class Quantizer(nn.Module):
         # The same values as codes/dequantize (tested bit for bit) in fewer memory passes, with
         # fused gradients when they are needed.
         return _FakeQuantSTE.apply(x, self._view(step, x.dim()), self._view(self.zero_point, x.dim()),
-                                   self.qmin, self.qmax)
+                                   self.qmin, self.qmax, overwrite_grad)
 
     def fake_quant_rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The rows `index` of a per-row (axis 0) quantized tensor, given those rows in float:
