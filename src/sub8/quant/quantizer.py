@@ -131,24 +131,25 @@ class _FakeQuantSTE(torch.autograd.Function):
         x, y, inside, step = ctx.saved_tensors
         need_x, need_step, need_zero = ctx.needs_input_grad[:3]
         grad_step = grad_zero = None
-        if step.numel() == 1:
+        per_tensor = step.numel() == 1
+        if per_tensor:
             # The sums over `grad` first: then, where the caller allows it and x needs no
             # gradient (AdaQuant's cached inputs), the mask goes into `grad` in place (a fresh
             # tensor the size of x cost twice the masking pass itself on CPU).
             grad_dot_y = _dot(grad, y) if need_step else None
             grad_sum = grad.sum() if need_zero else None
-            if ctx.x_range is not None:
-                in_place = ctx.overwrite_grad and not need_x
-                grad_x = torch.ops.aten.hardtanh_backward.grad_input(
-                    grad, x, *ctx.x_range, grad_input=grad if in_place else torch.empty_like(grad))
-            else:
-                grad_x = torch.where(inside, grad, 0.0)  # (a float * bool product is 2x slower on CPU)
+        if ctx.x_range is not None:
+            in_place = ctx.overwrite_grad and not need_x
+            grad_x = torch.ops.aten.hardtanh_backward.grad_input(
+                grad, x, *ctx.x_range, grad_input=grad if in_place else torch.empty_like(grad))
+        else:
+            grad_x = torch.where(inside, grad, 0.0)  # (a float * bool product is 2x slower on CPU)
+        if per_tensor:
             if need_step:
                 grad_step = (grad_dot_y - _dot(grad_x, x)).reshape(step.shape) / step
             if need_zero:
                 grad_zero = (grad_x.sum() - grad_sum).reshape(step.shape) * step
         else:
-            grad_x = torch.where(inside, grad, 0.0)
             dims = [d for d in range(x.dim()) if step.shape[d] == 1]
             if need_step:
                 grad_step = ((grad * y).sum(dims) - (grad_x * x).sum(dims)).reshape(step.shape) / step
