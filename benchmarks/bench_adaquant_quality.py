@@ -4,7 +4,7 @@ photo set, per bit width and AdaQuant mode, with the time of each run.
     python benchmarks/bench_adaquant_quality.py --photos data/bench-photos \
         [--bits W4A8,W4A4] [--methods rtn,parallel,sequential,parallel+bias_correction] \
         [--iters 1000] [--batch-size 50] [--lr-weight 1e-3] \
-        [--samples 256] [--device cpu|cuda]
+        [--samples 256] [--device cpu|cuda] [--bias-tune-ranges none|last|all]
 
 The faster CPU setting (the README's): --methods sequential --iters 100 --batch-size 16
 --lr-weight 1e-2. First and last layers stay at 8 bits. Prints a table; writes JSON
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.calibrate import AdaQuantConfig  # noqa: E402
+from sub8.config import INPUT_RANGES, BiasTuningConfig  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import predict  # noqa: E402
 from sub8.report import versions, write_json  # noqa: E402
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
                     help="relative (grid steps); 1e-2 at 100 iterations moves weights as far as 1e-3 at 1000")
     ap.add_argument("--max-memory", type=float, default=4.0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bias-tune-ranges", choices=INPUT_RANGES, default="none",
+                    help="input steps that a +bias_tuning method also trains")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "adaquant_quality.json"))
     args = ap.parse_args(argv)
 
@@ -57,7 +60,8 @@ def main(argv=None) -> int:
     model = loaded.module.eval()
     float_logits = predict(model.to(args.device), evals, 64, args.device)
     print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation images, device {args.device}, "
-          f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}, lr-weight {args.lr_weight:g}", flush=True)
+          f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}, lr-weight {args.lr_weight:g}, "
+          f"bias tuning trains input ranges: {args.bias_tune_ranges}", flush=True)
     print(f"{'bits':<6} {'method':<24} {'conf top1':>9} {'top1':>6} {'KL':>7} {'seconds':>8} "
           f"{'RSS MB':>7} {'CUDA MB':>7} {'MSE after/before':>16}", flush=True)
     rows = []
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
                                                          iters=args.iters,
                                                          batch_size=args.batch_size,
                                                          lr_weight=args.lr_weight,
-                                                         max_memory_gb=args.max_memory))
+                                                         max_memory_gb=args.max_memory),
+                                 bias_tuning=BiasTuningConfig(input_ranges=args.bias_tune_ranges))
             start = time.perf_counter()
             result = quantize(model, calib, config, eval_images=evals, float_logits=float_logits)
             seconds = time.perf_counter() - start
@@ -97,7 +102,7 @@ def main(argv=None) -> int:
             model = model.to(args.device)
             write_json(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
                                    "iters": args.iters, "batch_size": args.batch_size, "lr_weight": args.lr_weight,
-                                   "device": args.device, "versions": versions(), "rows": rows})
+                                   "bias_tune_ranges": args.bias_tune_ranges, "device": args.device, "versions": versions(), "rows": rows})
     return 0
 
 

@@ -201,7 +201,7 @@ def test_light_pipeline_allocates_and_the_mixed_model_reloads(image_dirs, tmp_pa
     calib, evals = image_dirs
     out = str(tmp_path / "run")
     result = quantize(calib, out, "--pipeline", "light", "--size-ratio", "0.22", "--eval", evals,
-                      "--precisions", "W4A8,W2A4", "--tie", "block.*")
+                      "--precisions", "W4A8,W2A4", "--tie", "block.*", "--bias-tune-ranges", "all")
     assert result.exit_code == 0, result.output
     assert "bits allocated (milp, kl)" in result.output and "within budget 0.22" in result.output, result.output
     report = json.load(open(os.path.join(out, "report.json")))
@@ -211,6 +211,7 @@ def test_light_pipeline_allocates_and_the_mixed_model_reloads(image_dirs, tmp_pa
     assert report["size"]["ratio"] <= 0.22
     assert [s["name"] for s in report["steps"]] == ["prepare", "evaluate", "allocate", "bn_tuning", "bias_tuning"]
     assert all("top1_agreement" in s["metrics"] for s in report["steps"][2:])  # after each step
+    assert {"stem.0", "block.conv1", "fc"} <= set(report["bias_tuning"]["input_ranges"])
     x = load_images(evals, tiny()[1]).images
     qm = sub8.load(out)
     assert {i.name: f"W{i.w_bits}A{i.a_bits}" for i in qm.prepared.layers if i.name in a["choice"]} == a["choice"]
@@ -218,8 +219,9 @@ def test_light_pipeline_allocates_and_the_mixed_model_reloads(image_dirs, tmp_pa
     again = sub8.quantize(model, load_images(calib, tiny()[1], limit=8, seed=0).images,
                           sub8.QuantConfig(pipeline="light", allocation={"size_ratio": 0.22,
                                                                          "precisions": ((4, 8), (2, 4)),
-                                                                         "ties": ("block.*",)}))
-    with torch.no_grad():
+                                                                         "ties": ("block.*",)},
+                                           bias_tuning={"input_ranges": "all"}))
+    with torch.no_grad():  # the API and the CLI run the same steps
         assert torch.equal(qm(x), again(x))
     infeasible = quantize(calib, str(tmp_path / "o2"), "--pipeline", "light", "--size-ratio", "0.01")
     assert_clean_error(infeasible, "size_ratio 0.01 (the least reachable is 0.1")

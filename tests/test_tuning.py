@@ -1,6 +1,7 @@
 """BN tuning and bias tuning, measured on a small conv+BN model."""
 
 import torch
+from torch import nn
 
 from sub8 import QuantConfig, prepare
 from sub8.calibrate import calibrate_ranges, tune_batchnorm, tune_biases
@@ -95,17 +96,44 @@ def test_bias_tuning_can_train_the_last_layers_input_range():
     others = {n: p.clone() for n, p in prepared.module.named_parameters()
               if not n.endswith("bias") and p is not last.step}
     step = last.step.item()
-    cfg = BiasTuningConfig(iters=150, batch_size=16, lr=3e-3, holdout=0.25, last_input_range=True, range_lr=1e-2)
+    cfg = BiasTuningConfig(iters=150, batch_size=16, lr=3e-3, holdout=0.25, input_ranges="last", range_lr=1e-2)
     record = tune_biases(prepared, calib, cfg)
-    moved = record["last_input_range"]
-    assert moved["layer"] == prepared.layers[-1].name and moved["step_before"] == step
-    assert moved["step_after"] == last.step.item() != step and last.step.item() > 0
+    moved = record["input_ranges"]
+    assert list(moved) == [prepared.layers[-1].name] and moved["fc"]["step_before"] == step
+    assert moved["fc"]["step_after"] == last.step.item() != step and last.step.item() > 0
     # at most range_lr x the initial step per iteration (Adam's bound), and it still helps
-    assert abs(moved["step_after"] - step) <= 150 * 1e-2 * step
+    assert abs(moved["fc"]["step_after"] - step) <= 150 * 1e-2 * step
     assert record["heldout_loss_after"] < 0.8 * record["heldout_loss_before"] and not record["reverted"]
     for n, p in prepared.module.named_parameters():  # nothing else moved
         if n in others:
             assert torch.equal(p, others[n]), n
+
+
+def test_training_every_input_range_beats_biases_alone_where_mse_ranges_are_too_wide():
+    # One wide channel between two linears (x30, the reading weights /30: the float function is
+    # the same) stretches the second one's MSE input range, so 4-bit codes round the narrow
+    # channels away, as in MobileNetV2's residual stream. Biases cannot undo that; a step can.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 10)).eval()
+    with torch.no_grad():
+        model[0].weight[0].mul_(30)
+        model[0].bias[0].mul_(30)
+        model[1].weight[:, 0].div_(30)
+        model[1].weight.mul_(8)  # confident outputs
+    calib = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for ranges in ("none", "all"):
+        prepared = prepare(model, calib[:1], QuantConfig(w_bits=None, a_bits=4, first_last_bits=4))
+        calibrate_ranges(prepared, calib)
+        cfg = BiasTuningConfig(iters=150, batch_size=16, lr=3e-3, holdout=0.25, input_ranges=ranges)
+        results[ranges] = tune_biases(prepared, calib, cfg)
+    assert results["none"]["heldout_loss_after"] > 0.9 * results["none"]["heldout_loss_before"]
+    record = results["all"]
+    assert record["heldout_loss_after"] < 0.2 * record["heldout_loss_before"] and not record["reverted"]
+    moved = record["input_ranges"]
+    assert set(moved) == {"0", "1"}
+    assert moved["1"]["step_after"] < 0.1 * moved["1"]["step_before"]
+    assert prepared.quant_layers()["1"].input_quantizer.step.item() == moved["1"]["step_after"] > 0
 
 
 def test_bias_tuning_that_hurts_the_heldout_loss_is_undone():

@@ -11,8 +11,8 @@ import warnings
 import click
 import torch
 
-from .config import (ADAQUANT_MODES, LR_SCHEDULES, OUTPUT_LOSSES, SOLVERS, AdaQuantConfig, AllocationConfig,
-                     BiasTuningConfig, QuantConfig, parse_layer_bits)
+from .config import (ADAQUANT_MODES, INPUT_RANGES, LR_SCHEDULES, OUTPUT_LOSSES, SOLVERS, AdaQuantConfig,
+                     AllocationConfig, BiasTuningConfig, QuantConfig, parse_layer_bits)
 from .errors import Sub8Error
 from .quant.ranges import METHODS
 from .table import fmt_bits, metrics_line, table_header
@@ -90,8 +90,10 @@ def quant_options(fn):
         click.option("--bias-iters", default=BiasTuningConfig.iters, show_default=True, help="bias tuning iterations"),
         click.option("--bias-batch-size", default=BiasTuningConfig.batch_size, show_default=True),
         click.option("--bias-lr", default=BiasTuningConfig.lr, show_default=True, help="bias tuning Adam rate"),
-        click.option("--bias-tune-last-range", is_flag=True,
-                     help="bias tuning also trains the last layer's input step (rate relative to the step)"),
+        click.option("--bias-tune-ranges", type=click.Choice(INPUT_RANGES), default=BiasTuningConfig.input_ranges,
+                     show_default=True, help="bias tuning also trains the last layer's input step, or every layer's"),
+        click.option("--bias-range-lr", default=BiasTuningConfig.range_lr, show_default=True,
+                     help="bias tuning's rate for input steps, relative to each step"),
         click.option("--size-ratio", type=float, default=None,
                      help="bit allocation budget: weight memory / the float32 model's"),
         click.option("--bops-ratio", type=float, default=None,
@@ -143,7 +145,7 @@ def build_config(o: dict) -> QuantConfig:
         ties=tuple(o["tie"]), solver=o["solver"], first_last=o["allocate_first_last"],
         sensitivity_samples=o["sensitivity_samples"])
     bias_tuning = BiasTuningConfig(iters=o["bias_iters"], batch_size=o["bias_batch_size"], lr=o["bias_lr"],
-                                   holdout=o["holdout"], last_input_range=o["bias_tune_last_range"])
+                                   holdout=o["holdout"], input_ranges=o["bias_tune_ranges"], range_lr=o["bias_range_lr"])
     extra = {} if o["cache_dir"] is None else {"cache_dir": o["cache_dir"]}
     if o["no_cache"]:
         extra["cache_dir"] = None

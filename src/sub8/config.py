@@ -50,22 +50,28 @@ class AdaQuantConfig:
             raise Sub8Error(f"max memory must be positive, got {self.max_memory_gb}")
 
 
+INPUT_RANGES = ("none", "last", "all")  # which input steps bias tuning also trains
+
+
 @dataclass
 class BiasTuningConfig:
     iters: int = 200
     batch_size: int = 32
     lr: float = 1e-3        # Adam, decayed along a half cosine
     holdout: float = 0.1    # share of calibration samples kept out to measure over-fitting
-    # Also train the last layer's input step (the paper's option); its rate is relative to
-    # the step: an Adam move of range_lr times the initial step per iteration, at most.
-    last_input_range: bool = False
-    range_lr: float = 1e-3
+    # Also train input steps: the last layer's (the paper's option) or every layer's. The rate
+    # is relative to each step: an Adam move of range_lr times its initial value per iteration,
+    # at most. MobileNetV2's A4 input steps want up to 10x smaller steps than MSE ranges give.
+    input_ranges: str = "none"
+    range_lr: float = 3e-2
 
     def __post_init__(self):
         if self.iters < 0 or self.batch_size < 1 or self.lr <= 0 or self.range_lr <= 0:
             raise Sub8Error("bias tuning needs iters >= 0, a batch size >= 1 and positive learning rates")
         if not 0.0 < self.holdout < 1.0:
             raise Sub8Error(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.input_ranges not in INPUT_RANGES:
+            raise Sub8Error(f"input_ranges must be one of {', '.join(INPUT_RANGES)}, got {self.input_ranges!r}")
 
 
 @dataclass
