@@ -61,7 +61,7 @@ class BiasTuningConfig:
     holdout: float = 0.1    # share of calibration samples kept out to measure over-fitting
     # Also train input steps: the last layer's (the paper's option) or every layer's. The rate
     # is relative to each step: an Adam move of range_lr times its initial value per iteration,
-    # at most. MobileNetV2's A4 input steps want up to 10x smaller steps than MSE ranges give.
+    # at most. On MobileNetV2 at A4, trained input steps shrank up to 14x from the MSE ranges.
     input_ranges: str = "none"
     range_lr: float = 3e-2
 

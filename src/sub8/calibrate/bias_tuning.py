@@ -9,8 +9,9 @@ when the held-out loss got worse, the trained tensors are put back as they were 
 Optionally (`input_ranges`) input steps train too: the last layer's (the range of the features
 the classifier reads, which clipping or a coarse grid hurts most at low bits), or every layer's.
 A range that minimizes a tensor's or a layer's own error can be far from what the output needs:
-at 4 bits, MobileNetV2's residual stream has a few channels 30x wider than the rest, whose
-clipping costs the output little, while rounding the narrow channels to zero destroys it.
+at 4 bits, the MSE range of MobileNetV2's residual stream spans a few channels far wider than
+the rest, whose clipping costs the output little, and rounds the narrow ones to zero, which
+destroys it.
 """
 
 from __future__ import annotations
