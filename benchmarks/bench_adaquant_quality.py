@@ -102,7 +102,8 @@ def main(argv=None) -> int:
             model = model.to(args.device)
             write_json(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
                                    "iters": args.iters, "batch_size": args.batch_size, "lr_weight": args.lr_weight,
-                                   "bias_tune_ranges": args.bias_tune_ranges, "device": args.device, "versions": versions(), "rows": rows})
+                                   "bias_tune_ranges": args.bias_tune_ranges, "device": args.device,
+                                   "versions": versions(), "rows": rows})
     return 0
 
 

@@ -50,8 +50,8 @@ def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningCon
     layers = prepared.quant_layers()
     trained = [layer.layer.bias for layer in layers.values()]
     rates = [cfg.lr] * len(trained)
-    ranged = {"none": [], "last": [prepared.layers[-1].name], "all": list(layers)}[cfg.input_ranges]
-    ranged = {name: layers[name].input_quantizer for name in ranged if layers[name].input_quantizer.enabled}
+    names = {"none": [], "last": [prepared.layers[-1].name], "all": list(layers)}[cfg.input_ranges]
+    ranged = {name: layers[name].input_quantizer for name in names if layers[name].input_quantizer.enabled}
     steps_before = {name: q.step.item() for name, q in ranged.items()}
     trained += [q.step for q in ranged.values()]
     rates += [cfg.range_lr * step for step in steps_before.values()]
