@@ -3,7 +3,7 @@ photo set, per bit width and AdaQuant mode, with the time of each run.
 
     python benchmarks/bench_adaquant_quality.py --photos data/bench-photos \
         [--bits W4A8,W4A4] [--methods rtn,parallel,sequential,parallel+bias_correction] \
-        [--iters 1000] [--batch-size 50] [--lr-weight 1e-3] \
+        [--iters 1000] [--batch-size 50] [--lr-weight 1e-3] [--lr-input-quant 1e-2] \
         [--samples 256] [--device cpu|cuda] [--bias-tune-ranges none|last|all]
 
 The faster CPU setting (the README's): --methods sequential --iters 100 --batch-size 16
@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--lr-weight", type=float, default=AdaQuantConfig.lr_weight,
                     help="relative (grid steps); 1e-2 at 100 iterations moves weights as far as 1e-3 at 1000")
+    ap.add_argument("--lr-input-quant", type=float, default=AdaQuantConfig.lr_input_quant,
+                    help="relative rate of the input steps in AdaQuant (0: leave them to a later step)")
     ap.add_argument("--max-memory", type=float, default=4.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bias-tune-ranges", choices=INPUT_RANGES, default="none",
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
     float_logits = predict(model.to(args.device), evals, 64, args.device)
     print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation images, device {args.device}, "
           f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}, lr-weight {args.lr_weight:g}, "
+          f"lr-input-quant {args.lr_input_quant:g}, "
           f"bias tuning trains input ranges: {args.bias_tune_ranges}", flush=True)
     print(f"{'bits':<6} {'method':<24} {'conf top1':>9} {'top1':>6} {'KL':>7} {'seconds':>8} "
           f"{'RSS MB':>7} {'CUDA MB':>7} {'MSE after/before':>16}", flush=True)
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
                                                          iters=args.iters,
                                                          batch_size=args.batch_size,
                                                          lr_weight=args.lr_weight,
+                                                         lr_input_quant=args.lr_input_quant,
                                                          max_memory_gb=args.max_memory),
                                  bias_tuning=BiasTuningConfig(input_ranges=args.bias_tune_ranges))
             start = time.perf_counter()
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
             row = {"bits": bits, "method": label, "seconds": seconds,
                    "adaquant_seconds": step_log.get("adaquant", {}).get("seconds"),
                    "median_mse_ratio": ratio, "metrics": metrics, "steps": report["steps"],
-                   "adaquant": report.get("adaquant")}
+                   "adaquant": report.get("adaquant"), "bias_tuning": report.get("bias_tuning")}
             rows.append(row)
             print(f"{bits:<6} {label:<24} {metrics['top1_agreement_confident']:9.3f} "
                   f"{metrics['top1_agreement']:6.3f} {metrics['kl']:7.3f} {seconds:8.1f} {peak:7.0f} {peak_cuda:7.0f} "
@@ -102,6 +106,7 @@ def main(argv=None) -> int:
             model = model.to(args.device)
             write_json(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
                                    "iters": args.iters, "batch_size": args.batch_size, "lr_weight": args.lr_weight,
+                                   "lr_input_quant": args.lr_input_quant,
                                    "bias_tune_ranges": args.bias_tune_ranges, "device": args.device,
                                    "versions": versions(), "rows": rows})
     return 0
