@@ -88,7 +88,7 @@ def plain_layer_loop(layer, x_cache, y_cache, act, cfg: AdaQuantConfig) -> None:
         out = layer.apply(fake_quant_autograd(x, x_step, x_zero, iq.qmin, iq.qmax),
                           fake_quant_autograd(weight, w_step, w_zero, wq.qmin, wq.qmax), bias)
         loss = F.mse_loss(act(out), y)
-        losses.append(loss.item())
+        losses.append(loss.item())  # read back every iteration, as the reference does (a GPU sync)
         for opt in optimizers:
             opt.zero_grad()
         loss.backward()
