@@ -4,7 +4,7 @@ photo set, per bit width and AdaQuant mode, with the time of each run.
     python benchmarks/bench_adaquant_quality.py --photos data/bench-photos \
         [--bits W4A8,W4A4] [--methods rtn,parallel,sequential,parallel+bias_correction] \
         [--iters 1000] [--batch-size 50] [--lr-weight 1e-3] [--lr-input-quant 1e-2] \
-        [--samples 256] [--device cpu|cuda] [--bias-tune-ranges none|last|all]
+        [--samples 256] [--device cpu|cuda] [--bias-tune-ranges none|last|all] [--bias-iters 200]
 
 The faster CPU setting (the README's): --methods sequential --iters 100 --batch-size 16
 --lr-weight 1e-2. First and last layers stay at 8 bits. Prints a table; writes JSON
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bias-tune-ranges", choices=INPUT_RANGES, default="none",
                     help="input steps that a +bias_tuning method also trains")
+    ap.add_argument("--bias-iters", type=int, default=BiasTuningConfig.iters, help="bias tuning iterations")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "adaquant_quality.json"))
     args = ap.parse_args(argv)
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation images, device {args.device}, "
           f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}, lr-weight {args.lr_weight:g}, "
           f"lr-input-quant {args.lr_input_quant:g}, "
-          f"bias tuning trains input ranges: {args.bias_tune_ranges}", flush=True)
+          f"bias tuning: {args.bias_iters} iterations, trains input ranges: {args.bias_tune_ranges}", flush=True)
     print(f"{'bits':<6} {'method':<24} {'conf top1':>9} {'top1':>6} {'KL':>7} {'seconds':>8} "
           f"{'RSS MB':>7} {'CUDA MB':>7} {'MSE after/before':>16}", flush=True)
     rows = []
@@ -81,7 +82,8 @@ def main(argv=None) -> int:
                                                          lr_weight=args.lr_weight,
                                                          lr_input_quant=args.lr_input_quant,
                                                          max_memory_gb=args.max_memory),
-                                 bias_tuning=BiasTuningConfig(input_ranges=args.bias_tune_ranges))
+                                 bias_tuning=BiasTuningConfig(iters=args.bias_iters,
+                                                              input_ranges=args.bias_tune_ranges))
             start = time.perf_counter()
             result = quantize(model, calib, config, eval_images=evals, float_logits=float_logits)
             seconds = time.perf_counter() - start
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
             write_json(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
                                    "iters": args.iters, "batch_size": args.batch_size, "lr_weight": args.lr_weight,
                                    "lr_input_quant": args.lr_input_quant,
-                                   "bias_tune_ranges": args.bias_tune_ranges, "device": args.device,
+                                   "bias_tune_ranges": args.bias_tune_ranges, "bias_iters": args.bias_iters,
+                                   "device": args.device,
                                    "versions": versions(), "rows": rows})
     return 0
 
