@@ -4,10 +4,11 @@ photo set, per bit width and AdaQuant mode, with the time of each run.
     python benchmarks/bench_adaquant_quality.py --photos data/bench-photos \
         [--bits W4A8,W4A4] [--methods rtn,parallel,sequential,parallel+bias_correction] \
         [--iters 1000] [--batch-size 50] [--lr-weight 1e-3] [--lr-input-quant 1e-2] \
+        [--adaquant-loss mse|fisher] [--fisher-draws 1] \
         [--samples 256] [--device cpu|cuda] [--bias-tune-ranges none|last|all] [--bias-iters 200]
 
 The faster CPU setting (the README's): --methods sequential --iters 100 --batch-size 16
---lr-weight 1e-2. First and last layers stay at 8 bits. Prints a table; writes JSON
+--lr-weight 1e-2 --lr-input-quant 1e-1. First and last layers stay at 8 bits. Prints a table; writes JSON
 (default benchmarks/results/adaquant_quality.json).
 """
 
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.calibrate import AdaQuantConfig  # noqa: E402
-from sub8.config import INPUT_RANGES, BiasTuningConfig  # noqa: E402
+from sub8.config import ADAQUANT_LOSSES, INPUT_RANGES, BiasTuningConfig  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import predict  # noqa: E402
 from sub8.report import versions, write_json  # noqa: E402
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
                     help="relative (grid steps); 1e-2 at 100 iterations moves weights as far as 1e-3 at 1000")
     ap.add_argument("--lr-input-quant", type=float, default=AdaQuantConfig.lr_input_quant,
                     help="relative rate of the input steps in AdaQuant (0: leave them to a later step)")
+    ap.add_argument("--adaquant-loss", choices=ADAQUANT_LOSSES, default=AdaQuantConfig.loss)
+    ap.add_argument("--fisher-draws", type=int, default=AdaQuantConfig.fisher_draws)
     ap.add_argument("--max-memory", type=float, default=4.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bias-tune-ranges", choices=INPUT_RANGES, default="none",
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
     float_logits = predict(model.to(args.device), evals, 64, args.device)
     print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation images, device {args.device}, "
           f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}, lr-weight {args.lr_weight:g}, "
-          f"lr-input-quant {args.lr_input_quant:g}, "
+          f"lr-input-quant {args.lr_input_quant:g}, loss {args.adaquant_loss} "
+          f"({args.fisher_draws} draws), "
           f"bias tuning: {args.bias_iters} iterations, trains input ranges: {args.bias_tune_ranges}", flush=True)
     print(f"{'bits':<6} {'method':<24} {'conf top1':>9} {'top1':>6} {'KL':>7} {'seconds':>8} "
           f"{'RSS MB':>7} {'CUDA MB':>7} {'MSE after/before':>16}", flush=True)
@@ -81,6 +85,8 @@ def main(argv=None) -> int:
                                                          batch_size=args.batch_size,
                                                          lr_weight=args.lr_weight,
                                                          lr_input_quant=args.lr_input_quant,
+                                                         loss=args.adaquant_loss,
+                                                         fisher_draws=args.fisher_draws,
                                                          max_memory_gb=args.max_memory),
                                  bias_tuning=BiasTuningConfig(iters=args.bias_iters,
                                                               input_ranges=args.bias_tune_ranges))
@@ -109,6 +115,7 @@ def main(argv=None) -> int:
             write_json(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
                                    "iters": args.iters, "batch_size": args.batch_size, "lr_weight": args.lr_weight,
                                    "lr_input_quant": args.lr_input_quant,
+                                   "adaquant_loss": args.adaquant_loss, "fisher_draws": args.fisher_draws,
                                    "bias_tune_ranges": args.bias_tune_ranges, "bias_iters": args.bias_iters,
                                    "device": args.device,
                                    "versions": versions(), "rows": rows})

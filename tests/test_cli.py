@@ -63,16 +63,22 @@ def test_adaquant_pipeline_records_each_layer(image_dirs, tmp_path):
     calib, _ = image_dirs
     out = str(tmp_path / "run")
     result = quantize(calib, out, "--pipeline", "adaquant", "--adaquant", "sequential", "--iters", "3",
-                      "--batch-size", "4", "--samples", "10", "--lr-schedule", "constant")
+                      "--batch-size", "4", "--samples", "10", "--lr-schedule", "constant",
+                      "--adaquant-loss", "fisher", "--fisher-draws", "2")
     assert result.exit_code == 0, result.output
     report = json.load(open(os.path.join(out, "report.json")))
     assert [s["name"] for s in report["steps"]] == ["prepare", "ranges", "adaquant"]
     record = report["adaquant"]
     assert record["settings"]["mode"] == "sequential" and record["settings"]["iters"] == 3
     assert record["settings"]["lr_schedule"] == "constant"
+    assert record["settings"]["loss"] == "fisher" and record["settings"]["fisher_draws"] == 2
     assert record["n_train"] == 9 and record["n_heldout"] == 1
     assert [r["name"] for r in record["layers"]] == [layer["name"] for layer in report["layers"]]
     assert all(r["heldout_mse_before"] >= 0 and r["heldout_mse_after"] >= 0 for r in record["layers"])
+    assert all(r["heldout_fisher_before"] >= 0 and r["heldout_fisher_after"] >= 0 for r in record["layers"])
+    # every layer's input step as the ranges set it and as AdaQuant left it
+    stepped = [r for r in record["layers"] if "input_step" in r]
+    assert len(stepped) == len(record["layers"]) and all(r["input_step"]["after"] > 0 for r in stepped)
 
 
 def test_rerun_into_a_previous_run_and_force(image_dirs, tmp_path):

@@ -80,6 +80,36 @@ def test_padding_changes_neither_embeddings_nor_ranges_nor_reconstruction_inputs
     assert torch.allclose(*quantized, atol=1e-5)
 
 
+def test_fisher_weights_see_only_real_tokens():
+    """AdaQuant's Fisher weights (text encoders: the output's MSE) line up with its cached rows:
+    the gradient at each real token is the same padded as alone, and padding has no row."""
+    from sub8.calibrate.fisher import fisher_weights, tapped_copy
+    from sub8.quant.layers import float_mode
+    from sub8.quant.token_mask import real_tokens
+    model = tiny_encoder()
+    lengths = [3, 17, 9, 1]
+    padded = tokens(lengths)
+    alone = [padded[i:i + 1, :, :n] for i, n in enumerate(lengths)]
+    prepared = sub8.prepare(model, padded[:1], sub8.QuantConfig(w_bits=4, a_bits=4))
+    name = "model.encoder.layer.1.intermediate.dense"
+    u = torch.randn(len(lengths), 32)
+
+    def grads(x, rows):
+        seen = []
+        tapped = tapped_copy(prepared.reference, [name], {}, seen)
+        with float_mode(tapped):
+            out = tapped(x)
+        (_, tensor, mask), = seen
+        return real_tokens(torch.autograd.grad(out, tensor, u[rows])[0], mask)
+
+    together = grads(padded, slice(None))
+    one_by_one = torch.cat([grads(x, slice(i, i + 1)) for i, x in enumerate(alone)])
+    assert together.shape == (sum(lengths), 64)
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    weights = fisher_weights(prepared.reference, [name], {}, padded, "mse", 2, len(lengths), 0, torch.float32)
+    assert weights[name].shape == (sum(lengths), 64)
+
+
 def _grid64(x, quantizer):
     """x onto a quantizer's grid, computed in float64 from its step and zero point."""
     s, z = quantizer.step.double(), torch.round(quantizer.zero_point.double())

@@ -11,8 +11,8 @@ import warnings
 import click
 import torch
 
-from .config import (ADAQUANT_MODES, INPUT_RANGES, LR_SCHEDULES, OUTPUT_LOSSES, SOLVERS, AdaQuantConfig,
-                     AllocationConfig, BiasTuningConfig, QuantConfig, parse_layer_bits)
+from .config import (ADAQUANT_LOSSES, ADAQUANT_MODES, INPUT_RANGES, LR_SCHEDULES, OUTPUT_LOSSES, SOLVERS,
+                     AdaQuantConfig, AllocationConfig, BiasTuningConfig, QuantConfig, parse_layer_bits)
 from .errors import Sub8Error
 from .quant.ranges import METHODS
 from .table import fmt_bits, metrics_line, table_header
@@ -70,8 +70,8 @@ def quant_options(fn):
         click.option("--adaquant", "adaquant_mode", type=click.Choice(ADAQUANT_MODES), default="parallel",
                      show_default=True, help="AdaQuant inputs: float (parallel) or quantized model's (sequential)"),
         click.option("--iters", default=AdaQuantConfig.iters, show_default=True,
-                     help="AdaQuant iterations per layer (faster on a CPU: 100, with --lr-weight 1e-2 "
-                          "and --batch-size 16; see README)"),
+                     help="AdaQuant iterations per layer (faster on a CPU: 100, with --lr-weight 1e-2, "
+                          "--lr-input-quant 1e-1 and --batch-size 16; see README)"),
         click.option("--batch-size", default=AdaQuantConfig.batch_size, show_default=True, help="AdaQuant mini-batch"),
         click.option("--lr-weight", default=AdaQuantConfig.lr_weight, show_default=True,
                      help="relative rate of the weights (in units of their channel's grid step)"),
@@ -82,6 +82,11 @@ def quant_options(fn):
                      help="relative rate of the input steps (log space)"),
         click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default=AdaQuantConfig.lr_schedule,
                      show_default=True, help="AdaQuant learning rates: cosine decay to 0, or constant"),
+        click.option("--adaquant-loss", type=click.Choice(ADAQUANT_LOSSES), default=AdaQuantConfig.loss,
+                     show_default=True, help="AdaQuant's reconstruction loss: plain MSE, or each element "
+                     "weighted by the output loss's Fisher diagonal (see README)"),
+        click.option("--fisher-draws", default=AdaQuantConfig.fisher_draws, show_default=True,
+                     help="backward passes per calibration sample that estimate the Fisher weights"),
         click.option("--holdout", default=AdaQuantConfig.holdout, show_default=True,
                      help="share of calibration samples kept out of AdaQuant and bias tuning to measure them"),
         click.option("--max-memory", default=AdaQuantConfig.max_memory_gb, show_default=True,
@@ -137,7 +142,8 @@ def build_config(o: dict) -> QuantConfig:
     adaquant = AdaQuantConfig(mode=o["adaquant_mode"], iters=o["iters"], batch_size=o["batch_size"],
                               lr_weight=o["lr_weight"], lr_bias=o["lr_bias"], lr_weight_quant=o["lr_weight_quant"],
                               lr_input_quant=o["lr_input_quant"], lr_schedule=o["lr_schedule"],
-                              holdout=o["holdout"], max_memory_gb=o["max_memory"], cache_fp16=o["cache_fp16"])
+                              holdout=o["holdout"], max_memory_gb=o["max_memory"], cache_fp16=o["cache_fp16"],
+                              loss=o["adaquant_loss"], fisher_draws=o["fisher_draws"])
     allocation = AllocationConfig(
         precisions=tuple(parse_precision(p) for p in o["precisions"].split(",") if p.strip()),
         base=parse_precision(o["base_bits"]), size_ratio=o["size_ratio"], bops_ratio=o["bops_ratio"],

@@ -54,7 +54,7 @@ def _inside(run: Run):
 def step_adaquant(run: Run) -> dict:
     c = run.config
     return adaquant(run.prepared, run.calib.to(c.device), c.adaquant, c.forward_batch, c.seed,
-                    checkpoints=_inside(run))
+                    checkpoints=_inside(run), output_loss=c.output_loss)
 
 
 def step_adaquant_sequential(run: Run) -> dict:
@@ -62,7 +62,8 @@ def step_adaquant_sequential(run: Run) -> dict:
     the chosen mix accumulates, layer after layer."""
     c = run.config
     cfg = replace(c.adaquant, mode="sequential")
-    return adaquant(run.prepared, run.calib.to(c.device), cfg, c.forward_batch, c.seed, checkpoints=_inside(run))
+    return adaquant(run.prepared, run.calib.to(c.device), cfg, c.forward_batch, c.seed, checkpoints=_inside(run),
+                    output_loss=c.output_loss)
 
 
 def step_bn_tuning(run: Run) -> dict:

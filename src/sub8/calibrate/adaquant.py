@@ -4,6 +4,8 @@ For each quantized layer, minimize over the calibration set
     || act(f(X; W, b)) - act(f(Q_a(X'); Q_w(W + dW), b + db)) ||^2
 over the weights, the bias and both quantizers' steps and zero points (Adam, one learning rate
 per group). `act` is the ReLU/ReLU6 that the graph says follows the layer, else the identity.
+With `loss="fisher"`, each element's squared error is weighted by how much it moves the model's
+output loss (see fisher.py): a layer's plain MSE can prefer what the output cannot afford.
 Parallel: X' = X, the float input, so layers are independent and a group of them is optimized
 in one loop (the summed loss gives each layer exactly its own gradients, and Adam is
 per-parameter). Sequential: X' is the input that the already-quantized model before the layer
@@ -31,6 +33,7 @@ from ..heap import reuse_freed_memory
 from ..quant.layers import QuantLayer, StopForward, quant_layers, run_observed
 from ..resume import module_state
 from .adam import MultiTensorAdam
+from .fisher import fisher_weights
 from .split import holdout_split
 
 ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
@@ -40,14 +43,17 @@ ACTIVATION_BOUNDS = {None: (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0
 
 
 @torch.no_grad()
-def reconstruction_grad(out: torch.Tensor, target: torch.Tensor, bounds) -> torch.Tensor:
-    """The gradient of sum((act(out) - target) ** 2) / 2 with respect to `out`, where `act` is
-    the ReLU/ReLU6 that follows the layer (bounds (lo, hi); none: the identity), written over
-    `target`: (out - target) where act passes `out` through, 0 where it clamps (inside the
-    range act(out) = out, so no clamp is needed). Two memory passes, against five for autograd's
-    relu + mse_loss; the mean's 2/N is applied to the parameters' gradients instead (see
-    optimize), which are small."""
+def reconstruction_grad(out: torch.Tensor, target: torch.Tensor, bounds,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The gradient of sum(weight * (act(out) - target) ** 2) / 2 with respect to `out`, where
+    `act` is the ReLU/ReLU6 that follows the layer (bounds (lo, hi); none: the identity), written
+    over `target`: weight * (out - target) where act passes `out` through, 0 where it clamps
+    (inside the range act(out) = out, so no clamp is needed). Two memory passes (three with a
+    weight), against five for autograd's relu + mse_loss; the mean's 2/N is applied to the
+    parameters' gradients instead (see optimize), which are small."""
     grad = torch.sub(out, target, out=target)
+    if weight is not None:
+        grad.mul_(weight)
     lo, hi = bounds
     if hi is not None:
         torch.ops.aten.hardtanh_backward.grad_input(grad, out, lo, hi, grad_input=grad)
@@ -90,8 +96,10 @@ def float_target(layer: QuantLayer, x: torch.Tensor, act, batch: int) -> torch.T
                       for i in range(0, len(x), batch)])
 
 
-def per_sample_bytes(prepared: PreparedModel, example: torch.Tensor, elem: int) -> dict[str, int]:
-    """Bytes that one calibration sample's input and target take in the cache, per layer."""
+def per_sample_bytes(prepared: PreparedModel, example: torch.Tensor, elem: int,
+                     weighted: bool = False) -> dict[str, int]:
+    """Bytes that one calibration sample's input and target (and loss weights) take in the
+    cache, per layer."""
     sizes = {}
     layers = prepared.quant_layers()
     name_of = {id(m): n for n, m in layers.items()}
@@ -99,7 +107,7 @@ def per_sample_bytes(prepared: PreparedModel, example: torch.Tensor, elem: int) 
     def probe(layer, x):
         out = layer.apply(x, layer.layer.weight, layer.layer.bias)
         # (all of x: one sample's rows, which a text model hands over as tokens x features)
-        sizes[name_of[id(layer)]] = (x.numel() + out.numel()) * elem
+        sizes[name_of[id(layer)]] = (x.numel() + out.numel() * (2 if weighted else 1)) * elem
 
     run_observed(prepared.module, {n: probe for n in layers}, example[:1], 1)
     return sizes
@@ -179,10 +187,14 @@ class LayerVariables:
             p.grad = None
 
 
-def reconstruction_mse(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, act, batch: int) -> float:
+def reconstruction_mse(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, act, batch: int,
+                       weight: torch.Tensor | None = None) -> float:
+    """The mean squared error of the layer's activated output (weighted by `weight` if given)."""
+    total = 0.0
     with torch.no_grad():
-        total = sum(F.mse_loss(act(layer(x[i:i + batch].float())), y[i:i + batch].float(), reduction="sum")
-                    for i in range(0, len(x), batch))
+        for i in range(0, len(x), batch):
+            err = (act(layer(x[i:i + batch].float())) - y[i:i + batch].float()).square_()
+            total += (err if weight is None else err.mul_(weight[i:i + batch].float())).sum()
     return (total / y.numel()).item()
 
 
@@ -204,8 +216,9 @@ class BatchBuffers:
 
 
 def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, train: torch.Tensor,
-             cfg: AdaQuantConfig, seeds: dict[str, int], progress=None) -> None:
-    """Adam over the layers' variables on their reconstruction losses, one step for all.
+             cfg: AdaQuantConfig, seeds: dict[str, int], progress=None, ws: dict | None = None) -> None:
+    """Adam over the layers' variables on their reconstruction losses, one step for all
+    (`ws`: per-element loss weights, by layer; none: the plain MSE).
 
     Each layer draws its mini-batches from its own generator (seeded by its position in the
     model), so a layer sees the same batches whether it is optimized alone or in a group."""
@@ -235,7 +248,8 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
         for n, v in variables.items():
             idx = batches[n][it]
             out = v(buffers.gather("x", xs[n], idx))
-            out.backward(reconstruction_grad(out.detach(), buffers.gather("y", ys[n], idx), bounds[n]))
+            weight = buffers.gather("w", ws[n], idx) if ws else None
+            out.backward(reconstruction_grad(out.detach(), buffers.gather("y", ys[n], idx), bounds[n], weight))
         with torch.no_grad():
             torch._foreach_mul_([p.grad for p in params], grad_scales)
         opt.step(lr_scale(it, cfg.iters))
@@ -250,21 +264,24 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
 
 
 def adaquant(prepared: PreparedModel, calib: torch.Tensor, cfg: AdaQuantConfig | None = None,
-             forward_batch: int = 32, seed: int = 0, show_progress: bool = True, checkpoints=None) -> dict:
+             forward_batch: int = 32, seed: int = 0, show_progress: bool = True, checkpoints=None,
+             output_loss: str = "kl") -> dict:
     """Run AdaQuant on every quantized layer with quantized weights. Returns the record for
-    report.json: the settings, the cache groups and each layer's held-out MSE before/after.
+    report.json: the settings, the cache groups and each layer's held-out MSE (and Fisher-weighted
+    error) before/after and input step before/after.
     With `checkpoints` (resume.ScopedCheckpoints), each finished group is saved, and a group
-    saved by an interrupted run is loaded instead of optimized again."""
+    saved by an interrupted run is loaded instead of optimized again. `output_loss` (kl or mse)
+    is the model output's loss that Fisher weights (`cfg.loss == "fisher"`) stand for."""
     cfg = cfg or AdaQuantConfig()
     torch.set_flush_denormal(True)  # Adam's second moments decay into denormals: 20x slower on CPU
     try:
         with reuse_freed_memory():
-            return _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints)
+            return _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss)
     finally:
         torch.set_flush_denormal(False)
 
 
-def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints) -> dict:
+def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss) -> dict:
     from tqdm import tqdm
 
     layers = prepared.quant_layers()
@@ -282,7 +299,8 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
     dtype = torch.float16 if cfg.cache_fp16 else torch.float32
     elem = 2 if cfg.cache_fp16 else 4
     budget = int(cfg.max_memory_gb * 2 ** 30)
-    cost = {k: v * len(calib) for k, v in per_sample_bytes(prepared, calib, elem).items()}
+    weighted = cfg.loss == "fisher"
+    cost = {k: v * len(calib) for k, v in per_sample_bytes(prepared, calib, elem, weighted).items()}
     groups = plan_groups(names, cost, budget)  # also refuses a layer that alone exceeds the budget
     sequential = cfg.mode == "sequential"
     if sequential:
@@ -291,11 +309,16 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
         # model's passes quadratic in depth), then each layer's quantized inputs from its own.
         target_group = {k: i for i, g in enumerate(groups) for k in g}
         target_groups, groups = groups, [[k] for k in names]
-    targets: dict[str, torch.Tensor] = {}  # sequential mode: the current memory group's, not yet used
+    # sequential mode: the current memory group's targets (and loss weights), not yet used
+    targets: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor] = {}
 
     def float_inputs_and_targets(group: list[str]):
         xs_float = capture_inputs(float_module, group, calib, forward_batch, dtype, float_model=True)
-        return xs_float, {k: float_target(float_layers[k], xs_float[k], acts[k], forward_batch) for k in group}
+        ys = {k: float_target(float_layers[k], xs_float[k], acts[k], forward_batch) for k in group}
+        ws = {} if not weighted else fisher_weights(float_module, group, followed, calib, output_loss,
+                                                    cfg.fisher_draws, forward_batch, seed, dtype)
+        return xs_float, ys, ws
 
     def nbytes(*caches: dict) -> int:
         return sum(t.numel() * t.element_size() for d in caches for t in d.values())
@@ -311,6 +334,7 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
                 layers[k].load_state_dict(saved["states"][k])
                 records[k] = saved["records"][k]
                 targets.pop(k, None)
+                weights.pop(k, None)
             resumed += 1
             bar.update(len(group) * cfg.iters)
             continue
@@ -319,28 +343,39 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
             k = group[0]
             if k not in targets:  # this layer's and the rest of its memory group's
                 rest = target_groups[target_group[k]]
-                xs_float, targets = float_inputs_and_targets(rest[rest.index(k):])
-                peak_cache = max(peak_cache, nbytes(xs_float, targets))
+                xs_float, targets, weights = float_inputs_and_targets(rest[rest.index(k):])
+                peak_cache = max(peak_cache, nbytes(xs_float, targets, weights))
                 del xs_float
             ys = {k: targets.pop(k)}
+            ws = {k: weights.pop(k)} if weighted else {}
             xs = capture_inputs(prepared.module, group, calib, forward_batch, dtype, float_model=False)
-            peak_cache = max(peak_cache, nbytes(xs, ys, targets))
+            peak_cache = max(peak_cache, nbytes(xs, ys, ws, targets, weights))
         else:
-            xs, ys = float_inputs_and_targets(group)
-            peak_cache = max(peak_cache, nbytes(xs, ys))
+            xs, ys, ws = float_inputs_and_targets(group)
+            peak_cache = max(peak_cache, nbytes(xs, ys, ws))
         h = held.to(calib.device)
-        before = {k: reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch) for k in group}
+
+        def heldout_errors(k: str) -> dict:
+            errors = {"mse": reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch)}
+            if weighted:
+                errors["fisher"] = reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch, ws[k][h])
+            return errors
+
+        before = {k: heldout_errors(k) for k in group}
+        steps_before = {k: layers[k].input_quantizer.step.item() for k in group if layers[k].input_quantizer.enabled}
         started = time.perf_counter()
-        optimize({k: layers[k] for k in group}, xs, ys, followed, train, cfg, seeds, bar)
+        optimize({k: layers[k] for k in group}, xs, ys, followed, train, cfg, seeds, bar, ws)
         if calib.is_cuda:
             torch.cuda.synchronize()
         optimize_seconds += time.perf_counter() - started
         seconds = (time.perf_counter() - start) / len(group)
         for k in group:
-            after = reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch)
-            records[k] = {"name": k, "heldout_mse_before": before[k], "heldout_mse_after": after,
-                          "seconds": seconds}
-        del xs, ys
+            after = heldout_errors(k)
+            records[k] = {"name": k, **{f"heldout_{e}_before": v for e, v in before[k].items()},
+                          **{f"heldout_{e}_after": v for e, v in after.items()}, "seconds": seconds}
+            if k in steps_before:
+                records[k]["input_step"] = {"before": steps_before[k], "after": layers[k].input_quantizer.step.item()}
+        del xs, ys, ws
         if checkpoints is not None:
             checkpoints.save({"states": {k: module_state(layers[k]) for k in group},
                               "records": {k: records[k] for k in group}}, "group", index, group)

@@ -26,13 +26,18 @@ def token_mask(mask: torch.Tensor):
         _MASK.reset(handle)
 
 
-def real_tokens(x: torch.Tensor) -> torch.Tensor:
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """x's rows at real tokens (N_tokens x features) when x is batch x sequence x features under
-    a token mask; x unchanged otherwise."""
-    mask = _MASK.get()
+    a token mask (the current one, or `mask`); x unchanged otherwise."""
+    mask = _MASK.get() if mask is None else mask
     if mask is None or x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
         return x
     return x[mask.to(x.device)]
+
+
+def current_mask() -> torch.Tensor | None:
+    """The current batch's token mask (for tensors that arrive after its block, as gradients do)."""
+    return _MASK.get()
 
 
 def real_head_tokens(x: torch.Tensor) -> torch.Tensor:
