@@ -3,7 +3,8 @@ summed over all layers, and peak host (and GPU) memory; grouped (all layers of a
 one loop) vs one layer at a time, in one run.
 
     python benchmarks/bench_adaquant.py --photos data/bench-photos [--model zoo:mobilenet_v2] \
-        [--samples 128] [--iters 5] [--schedules plain,grouped,one] [--device cpu|cuda]
+        [--samples 128] [--iters 5] [--schedules plain,grouped,one] [--device cpu|cuda] \
+        [--adaquant-loss fisher|mse]
 
 `plain` is the baseline: the loop in the shape of the paper's reference code, written here in
 plain PyTorch (not that code): one layer at a time, op-by-op fake quantization under autograd,
@@ -31,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from sub8 import QuantConfig, calibrate_ranges, prepare  # noqa: E402
 from sub8.calibrate import AdaQuantConfig, adaquant  # noqa: E402
+from sub8.config import ADAQUANT_LOSSES  # noqa: E402
 adaquant_module = importlib.import_module("sub8.calibrate.adaquant")  # the name `adaquant` is the function
 from sub8.data import load_images  # noqa: E402
 from sub8.quant.layers import quant_layers  # noqa: E402
@@ -130,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="W4A4")
     ap.add_argument("--max-memory", type=float, default=4.0, help="GB bound on the activation cache")
     ap.add_argument("--schedules", default="plain,grouped,one")
+    ap.add_argument("--adaquant-loss", choices=ADAQUANT_LOSSES, default=AdaQuantConfig.loss,
+                    help="sub8's loss in the grouped/one schedules (plain: always the plain MSE)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "adaquant_speed.json"))
     args = ap.parse_args(argv)
@@ -141,14 +145,16 @@ def main(argv=None) -> int:
     calib = load_samples(args.photos, loaded.transform, args.samples).to(args.device)
     w, a = (int(v) for v in args.bits.upper().lstrip("W").split("A"))
     print(f"{args.model}, {len(calib)} calibration images, {args.bits}, {args.iters} iterations, "
-          f"mini-batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}")
+          f"mini-batch {args.batch_size}, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"sub8's loss {args.adaquant_loss}")
     print(f"{'schedule':<16} {'groups':>6} {'step s':>8} {'loop s/iter (all layers)':>24} {'RSS MB':>8} "
           f"{'CUDA MB':>8}")
     rows = []
     for schedule in args.schedules.split(","):
         p = prepare(loaded.module, calib[:1], QuantConfig(w_bits=w, a_bits=a, device=args.device))
         calibrate_ranges(p, calib, "minmax")
-        cfg = AdaQuantConfig(iters=args.iters, batch_size=args.batch_size, max_memory_gb=args.max_memory)
+        cfg = AdaQuantConfig(iters=args.iters, batch_size=args.batch_size, max_memory_gb=args.max_memory,
+                             loss=args.adaquant_loss)
         log = StepLog()
         if schedule == "plain":
             with log.step("adaquant", args.device):
@@ -171,6 +177,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     write_json(args.json, {"model": args.model, "n_calib": len(calib), "iters": args.iters,
                            "batch_size": args.batch_size, "bits": args.bits, "device": args.device,
+                           "adaquant_loss": args.adaquant_loss,
                            "versions": versions(), "rows": rows})
     return 0
 

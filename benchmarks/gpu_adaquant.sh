@@ -5,7 +5,7 @@
 #          ResNet-50 (random weights) and zoo:mobilenet_v2; then the plain reference-shaped
 #          loop vs grouped vs one layer at a time (30 iterations);
 #   quality: zoo:mobilenet_v2, 256 calibration images, W4A4: RTN vs sequential AdaQuant
-#            (full defaults) then bias tuning of biases and every input step.
+#            (full defaults: Fisher-weighted loss).
 # Needs data/bench-photos (make photos). Usage: benchmarks/gpu_adaquant.sh [OUTDIR]
 set -u
 out=${1:-benchmarks/results}
@@ -23,6 +23,6 @@ run 80 benchmarks/bench_adaquant.py --device cuda --model zoo:mobilenet_v2 --sam
 run 45 benchmarks/bench_adaquant.py --device cuda --model zoo:mobilenet_v2 --samples 512 --iters 30 \
     --schedules plain,grouped,one --json "$out/gpu_schedules_mobilenet_v2.json"
 run 240 benchmarks/bench_adaquant_quality.py --device cuda --samples 256 --iters 1000 \
-    --bits W4A4 --methods rtn,sequential+bias_tuning --bias-tune-ranges all \
+    --bits W4A4 --methods rtn,sequential \
     --json "$out/gpu_quality.json"
 tail -c 3000 "$out/stderr.log"

@@ -198,6 +198,15 @@ def reconstruction_mse(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, act,
     return (total / y.numel()).item()
 
 
+def heldout_errors(layer: QuantLayer, x, y, weight, held: torch.Tensor, act, batch: int) -> dict:
+    """On the held-out rows: the plain MSE, and the Fisher-weighted error when there are weights."""
+    x, y = x[held], y[held]
+    errors = {"mse": reconstruction_mse(layer, x, y, act, batch)}
+    if weight is not None:
+        errors["fisher"] = reconstruction_mse(layer, x, y, act, batch, weight[held])
+    return errors
+
+
 class BatchBuffers:
     """Preallocated mini-batch buffers, one per (role, shape, dtype, layout), shared by the
     layers of a group: one layer's batch is alive at a time. Gathering into them runs at copy
@@ -354,14 +363,7 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
             xs, ys, ws = float_inputs_and_targets(group)
             peak_cache = max(peak_cache, nbytes(xs, ys, ws))
         h = held.to(calib.device)
-
-        def heldout_errors(k: str) -> dict:
-            errors = {"mse": reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch)}
-            if weighted:
-                errors["fisher"] = reconstruction_mse(layers[k], xs[k][h], ys[k][h], acts[k], forward_batch, ws[k][h])
-            return errors
-
-        before = {k: heldout_errors(k) for k in group}
+        before = {k: heldout_errors(layers[k], xs[k], ys[k], ws.get(k), h, acts[k], forward_batch) for k in group}
         steps_before = {k: layers[k].input_quantizer.step.item() for k in group if layers[k].input_quantizer.enabled}
         started = time.perf_counter()
         optimize({k: layers[k] for k in group}, xs, ys, followed, train, cfg, seeds, bar, ws)
@@ -370,7 +372,7 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
         optimize_seconds += time.perf_counter() - started
         seconds = (time.perf_counter() - start) / len(group)
         for k in group:
-            after = heldout_errors(k)
+            after = heldout_errors(layers[k], xs[k], ys[k], ws.get(k), h, acts[k], forward_batch)
             records[k] = {"name": k, **{f"heldout_{e}_before": v for e, v in before[k].items()},
                           **{f"heldout_{e}_after": v for e, v in after.items()}, "seconds": seconds}
             if k in steps_before:
