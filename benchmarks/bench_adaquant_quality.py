@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="rtn,parallel,sequential",
                     help="rtn, or an AdaQuant mode with optional later steps: parallel+bias_correction")
     ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0, help="hold-out split, mini-batches, Fisher draws")
     ap.add_argument("--iters", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--lr-weight", type=float, default=AdaQuantConfig.lr_weight,
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation images, device {args.device}, "
           f"AdaQuant {args.iters} iterations, mini-batch {args.batch_size}, lr-weight {args.lr_weight:g}, "
           f"lr-input-quant {args.lr_input_quant:g}, loss {args.adaquant_loss} "
-          f"({args.fisher_draws} draws), "
+          f"({args.fisher_draws} draws), seed {args.seed}, "
           f"bias tuning: {args.bias_iters} iterations, trains input ranges: {args.bias_tune_ranges}", flush=True)
     print(f"{'bits':<6} {'method':<24} {'conf top1':>9} {'top1':>6} {'KL':>7} {'seconds':>8} "
           f"{'RSS MB':>7} {'CUDA MB':>7} {'MSE after/before':>16}", flush=True)
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
             steps = ("ranges", *extra) if mode == "rtn" else ("ranges", "adaquant", *extra)
             label = method if mode == "rtn" else f"adaquant {method}"
             config = QuantConfig(w_bits=w, a_bits=a, steps=steps, samples=args.samples, device=args.device,
+                                 seed=args.seed,
                                  adaquant=AdaQuantConfig(mode=mode if mode != "rtn" else "parallel",
                                                          iters=args.iters,
                                                          batch_size=args.batch_size,
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
                                    "lr_input_quant": args.lr_input_quant,
                                    "adaquant_loss": args.adaquant_loss, "fisher_draws": args.fisher_draws,
                                    "bias_tune_ranges": args.bias_tune_ranges, "bias_iters": args.bias_iters,
-                                   "device": args.device,
+                                   "device": args.device, "seed": args.seed,
                                    "versions": versions(), "rows": rows})
     return 0
 
