@@ -108,6 +108,12 @@ def test_fisher_weights_see_only_real_tokens():
     assert torch.allclose(together, one_by_one, atol=1e-5)
     weights = fisher_weights(prepared.reference, [name], {}, padded, "mse", 2, len(lengths), 0, torch.float32)
     assert weights[name].shape == (sum(lengths), 64)
+    # and AdaQuant trains on them, row for row with its cached inputs
+    from sub8.calibrate import AdaQuantConfig, adaquant
+    calibrate_ranges(prepared, padded, "mse")
+    record = adaquant(prepared, tokens([5, 9, 2, 14, 7, 3, 11, 6, 8, 4], pad_to=14), AdaQuantConfig(iters=3),
+                      forward_batch=4, show_progress=False, output_loss="mse")
+    assert all(layer["heldout_fisher_after"] >= 0 for layer in record["layers"])
 
 
 def _grid64(x, quantizer):
