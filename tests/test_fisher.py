@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from sub8 import QuantConfig, calibrate_ranges, prepare
+from sub8 import QuantConfig, Sub8Error, calibrate_ranges, prepare
 from sub8.calibrate import AdaQuantConfig, adaquant
 from sub8.calibrate.fisher import fisher_weights, tapped_copy
 from sub8.quant.layers import float_mode
@@ -100,3 +100,22 @@ def test_adaquant_with_fisher_loss_lowers_the_weighted_heldout_error():
     for layer in record["layers"]:
         assert layer["heldout_fisher_after"] < layer["heldout_fisher_before"], layer["name"]
         assert layer["heldout_mse_before"] > 0  # the plain error is still reported
+
+
+def test_a_model_with_several_outputs_is_told_to_use_the_plain_loss():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(6, 4)
+
+        def forward(self, x):
+            y = self.body(x)
+            return y, y.sum(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(20, 6)
+    p = prepare(TwoHeads().eval(), x, QuantConfig(w_bits=4, a_bits=4, cache_dir=None))
+    calibrate_ranges(p, x, "mse")
+    with pytest.raises(Sub8Error, match="adaquant-loss mse"):
+        adaquant(p, x, AdaQuantConfig(iters=2), show_progress=False)
+    adaquant(p, x, AdaQuantConfig(iters=2, loss="mse"), show_progress=False)  # the plain loss runs

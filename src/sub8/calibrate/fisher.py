@@ -101,7 +101,8 @@ def fisher_weights(reference: nn.Module, names: list[str], followed: dict, calib
             seen.clear()
             out = tapped(calib[i:i + batch].to(device))
             if not isinstance(out, torch.Tensor):
-                raise Sub8Error("--adaquant-loss fisher needs a model whose output is one tensor")
+                raise Sub8Error("--adaquant-loss fisher (the default) needs a model whose output is one tensor; "
+                                "use --adaquant-loss mse")
             taps = [t for _, t, _ in seen]
             squares = [torch.zeros_like(t, dtype=torch.float32) for t in taps]
             for r in range(draws):
@@ -109,7 +110,8 @@ def fisher_weights(reference: nn.Module, names: list[str], followed: dict, calib
                 grads = torch.autograd.grad(out, taps, u, retain_graph=r < draws - 1, allow_unused=True)
                 for (name, _, _), g, acc in zip(seen, grads, squares):
                     if g is None:
-                        raise Sub8Error(f"layer {name!r} does not reach the model's output: no Fisher weights")
+                        raise Sub8Error(f"layer {name!r} does not reach the model's output: no Fisher weights "
+                                        f"for it; use --adaquant-loss mse")
                     acc.add_(g.float().square())
             for (name, _, mask), acc in zip(seen, squares):
                 w = real_tokens(acc / draws, mask)
