@@ -48,8 +48,8 @@ def run(model, device: str, budget_gb: float | None, x: torch.Tensor):
     p = prepare(model, x[:1], QuantConfig(w_bits=4, a_bits=4, first_last_bits=4, device=device))
     calibrate_ranges(p, x, "minmax")
     if budget_gb is None:
-        weighted = AdaQuantConfig().loss == "fisher"  # the default loss caches Fisher weights too
-        budget_gb = max(per_sample_bytes(p, x, 4, weighted).values()) * len(x) * 1.01 / 2 ** 30
+        # (the default loss caches Fisher weights too)
+        budget_gb = max(per_sample_bytes(p, x, 4, AdaQuantConfig().weighted).values()) * len(x) * 1.01 / 2 ** 30
     rec = adaquant(p, x, AdaQuantConfig(iters=15, batch_size=8, lr_weight=1e-3, max_memory_gb=budget_gb),
                    show_progress=False)
     return rec["groups"], {k: v.cpu() for k, v in p.module.state_dict().items() if isinstance(v, torch.Tensor)}

@@ -17,8 +17,7 @@ adaquant_module = importlib.import_module("sub8.calibrate.adaquant")  # the name
 def tight_budget_gb(p, x):
     """Just over the largest single layer's cache (inputs, targets and the default loss's
     Fisher weights): forces small groups."""
-    weighted = AdaQuantConfig().loss == "fisher"
-    return max(per_sample_bytes(p, x, 4, weighted).values()) * len(x) * 1.01 / 2 ** 30
+    return max(per_sample_bytes(p, x, 4, AdaQuantConfig().weighted).values()) * len(x) * 1.01 / 2 ** 30
 
 
 def rtn(model, x, w_bits=4, a_bits=4):

@@ -56,6 +56,11 @@ class AdaQuantConfig:
             raise Sub8Error(f"--adaquant-loss must be one of {', '.join(ADAQUANT_LOSSES)}, got {self.loss!r}")
         if self.fisher_draws < 1:
             raise Sub8Error(f"--fisher-draws must be at least 1, got {self.fisher_draws}")
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the loss weights its elements (then the cache holds the weights too)."""
+        return self.loss == "fisher"
         if not 0.0 < self.holdout < 1.0:
             raise Sub8Error(f"holdout must be in (0, 1), got {self.holdout}")
         if self.max_memory_gb <= 0:

@@ -308,7 +308,7 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
     dtype = torch.float16 if cfg.cache_fp16 else torch.float32
     elem = 2 if cfg.cache_fp16 else 4
     budget = int(cfg.max_memory_gb * 2 ** 30)
-    weighted = cfg.loss == "fisher"
+    weighted = cfg.weighted
     cost = {k: v * len(calib) for k, v in per_sample_bytes(prepared, calib, elem, weighted).items()}
     groups = plan_groups(names, cost, budget)  # also refuses a layer that alone exceeds the budget
     sequential = cfg.mode == "sequential"
