@@ -20,8 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/sub8 demo
 
-# pytest exits 5 when it collects no test: that is a failure too.
+# The layers (.importlinter): a lower layer never imports a higher one. Then the tests; pytest
+# exits 5 when it collects no test: that is a failure too.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no test ran" >&2; exit 1; fi; exit $$status
 

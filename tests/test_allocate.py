@@ -220,7 +220,7 @@ def test_suffix_runs_equal_whole_model_runs(calib):
     from sub8.allocate.allocation import layer_states
     from sub8.allocate.sensitivity import measure, model_loss
     from sub8.calibrate import calibrate_ranges
-    from sub8.prepare import prepare
+    from sub8.adapters import prepare
     from sub8.quant.layers import float_mode
 
     model = peaky_tiny()

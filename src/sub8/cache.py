@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from .report import write_bytes_atomic
+from .atomic import write_bytes_atomic
 
 
 def default_cache_dir() -> str:

@@ -1,4 +1,4 @@
-"""report.json: step timings and peak memory, versions, and atomic output folders."""
+"""report.json: step timings and peak memory, versions, and the output folder's checks."""
 
 from __future__ import annotations
 
@@ -6,16 +6,17 @@ import contextlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 
 import torch
 
+from .atomic import atomic_dir, write_bytes_atomic, write_json  # noqa: F401  (re-exported)
 from .errors import Sub8Error
 
 TOOL = "sub8"
 REPORT = "report.json"
+# report.json's layout (docs/report-format.md); 1: before it carried a version.
+REPORT_VERSION = 2
 
 
 def _rss_peak_mb() -> float:
@@ -67,7 +68,7 @@ def versions() -> dict:
     import scipy
     import torchvision
 
-    from . import __version__
+    from ._version import __version__
     return {"sub8": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "numpy": numpy.__version__,
             "scipy": scipy.__version__, "platform": platform.platform()}
@@ -88,48 +89,3 @@ def check_output_dir(path: str, force: bool) -> None:
     if os.path.isdir(path) and os.listdir(path) and not is_sub8_run(path) and not force:
         raise Sub8Error(f"output folder {path!r} holds files that are not a sub8 run; "
                         f"choose another folder or pass --force to replace it")
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
-    On failure it is removed and `path` is left as it was."""
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rename(path, os.path.join(old, "run"))
-    os.rename(tmp, path)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write a file atomically (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str, data: dict) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")

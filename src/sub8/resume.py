@@ -12,6 +12,7 @@ import os
 import torch
 
 from .cache import DiskCache, fingerprint, tensor_digest
+from .quant.layers import module_state  # noqa: F401  (re-exported)
 
 
 class Checkpoints:
@@ -60,8 +61,3 @@ class ScopedCheckpoints:
 
     def save(self, value, *parts) -> None:
         self.parent.save(value, *self.prefix, *parts)
-
-
-def module_state(module: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
-            for k, v in module.state_dict().items()}

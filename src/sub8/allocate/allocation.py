@@ -14,21 +14,82 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..cache import DiskCache, fingerprint, tensor_digest
 from ..calibrate.ranges import calibrate_ranges
-from ..config import QuantConfig
 from ..errors import Sub8Error
+from ..executor import InProcessExecutor
 from ..evaluate import predict
 from ..prepare import PreparedModel
-from ..quant.layers import float_mode
-from ..resume import module_state
-from .costs import cost_tables, load_latency_table, precision_label
-from .sensitivity import measure, model_loss
+from ..quant.layers import float_mode, module_state
+from ..quant.quantizer import parse_bits
+from ..registry import setting
+from .costs import cost_tables, load_latency_table, parse_precision, precision_label
+from .sensitivity import SensitivityWork, measure_precision, model_loss
 from .solve import Problem, greedy, minimize_cost, minimize_degradation
+
+
+SOLVERS = ("milp", "greedy")
+
+
+def _precisions(text) -> tuple:
+    return tuple(parse_precision(p) for p in text.split(",") if p.strip())
+
+
+@dataclass
+class AllocationConfig:
+    """Bit allocation by integer programming."""
+    # Candidate (weight bits, activation bits) per layer; `base` is added if missing.
+    precisions: tuple = setting(((8, 8), (4, 8), (4, 4), (2, 4)), flag="--precisions", parse=_precisions,
+                                show=lambda v: ",".join(precision_label(p) for p in v),
+                                help="candidate precisions for bit allocation")
+    # the precision every other layer holds while one is measured
+    base: tuple = setting((8, 8), flag="--base-bits", parse=parse_precision, show=precision_label,
+                          help="precision of the other layers while one layer's sensitivity is measured")
+    size_ratio: float | None = setting(None, flag="--size-ratio", type=float,
+                                       help="bit allocation budget: weight memory / the float32 model's")
+    bops_ratio: float | None = setting(None, flag="--bops-ratio", type=float,
+                                       help="bit allocation budget: BOPs / the float model's at 32x32 bits "
+                                            "(W8A8 = 0.0625)")
+    latency_ms: float | None = setting(None, flag="--latency-ms", type=float,
+                                       help="bit allocation budget: summed layer latency")
+    latency_table: str | None = setting(None, flag="--latency-table", type=str,
+                                        help="JSON: layer -> precision (W4A8, float) -> ms")
+    max_degradation: float | None = setting(None, flag="--max-degradation", type=float,
+                                            help="least weight memory whose predicted loss increase is at most this")
+    ties: tuple[str, ...] = setting((), flag="--tie", multiple=True,
+                                    help="PAT1,PAT2,...: matching layers get one precision (repeatable)")
+    sensitivity_samples: int | None = setting(None, flag="--sensitivity-samples", type=int,
+                                              help="measure sensitivities on the first N calibration samples "
+                                                   "[default: all]")
+    solver: str = setting("milp", flag="--solver", choices=SOLVERS, help="milp (exact) or greedy (baseline)")
+    # The first and last layers join the allocation instead of holding first_last_bits.
+    first_last: bool = setting(False, flag="--allocate-first-last", is_flag=True,
+                               help="bit allocation also chooses the first and last layers' precision "
+                                    "(else they hold --first-last-bits)")
+
+    def __post_init__(self):
+        self.precisions = tuple(tuple(parse_bits(b) for b in p) for p in self.precisions)
+        self.base = tuple(parse_bits(b) for b in self.base)
+        if not self.precisions:
+            raise Sub8Error("bit allocation needs at least one candidate precision (allocation.precisions)")
+        if self.solver not in SOLVERS:
+            raise Sub8Error(f"allocation.solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        for name in ("size_ratio", "bops_ratio", "latency_ms"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise Sub8Error(f"allocation.{name} must be positive, got {value}")
+        self.ties = tuple(self.ties)
+        if self.sensitivity_samples is not None and self.sensitivity_samples < 1:
+            raise Sub8Error(f"allocation.sensitivity_samples must be at least 1, got {self.sensitivity_samples}")
+
+    def has_budget(self) -> bool:
+        return any(v is not None for v in (self.size_ratio, self.bops_ratio, self.latency_ms,
+                                           self.max_degradation))
 
 
 def layer_states(prepared: PreparedModel) -> dict[str, dict]:
@@ -78,24 +139,26 @@ def problem_costs(costs: dict, const: dict, reference: dict) -> tuple[dict, dict
     return out, fixed
 
 
-def candidate_states(precisions: list[tuple], common: str, run_recipe, cache: DiskCache) -> tuple[dict, dict]:
+def candidate_states(precisions: list[tuple], common: str, run_candidates, cache: DiskCache) -> tuple[dict, dict]:
     """({precision: {layer: state}}, {precision: {step: record}}) after the recipe at each
-    uniform precision (cached with the records its steps wrote)."""
-    states, records = {}, {}
+    uniform precision (cached with the records its steps wrote). `run_candidates(precisions)`
+    yields each missing precision's {"states", "records"}, in order."""
+    states, records, todo = {}, {}, []
     for p in precisions:
-        key = fingerprint(common, p)
-        run = cache.get("candidate_run", key)
+        run = cache.get("candidate_run", fingerprint(common, p))
         if run is None:
-            prepared, steps = run_recipe(p)
-            run = {"states": layer_states(prepared), "records": steps}
-            cache.put("candidate_run", key, run)
+            todo.append(p)
+        else:
+            states[p], records[p] = run["states"], run["records"]
+    for p, run in zip(todo, run_candidates(todo)):
+        cache.put("candidate_run", fingerprint(common, p), run)
         states[p], records[p] = run["states"], run["records"]
     return states, records
 
 
 def sensitivities(prepared: PreparedModel, layers: list[str], states: dict, base: tuple, sample: torch.Tensor,
-                  reference: torch.Tensor, config: QuantConfig, common: str, cache: DiskCache,
-                  show_progress: bool) -> tuple[float, dict]:
+                  reference: torch.Tensor, config, common: str, cache: DiskCache,
+                  show_progress: bool, executor) -> tuple[float, dict]:
     """(the base model's loss, {precision: {layer: loss}}), from the cache where it has them."""
     from tqdm import tqdm
 
@@ -114,36 +177,40 @@ def sensitivities(prepared: PreparedModel, layers: list[str], states: dict, base
                 losses[p] = got
             else:
                 todo[p] = states[p]
-    n_batches = -(-len(sample) // batch)
-    with tqdm(total=len(todo) * len(layers) * n_batches, desc="sensitivity", unit="layer-batch",
-              disable=not show_progress, leave=False) as bar:
-        fresh = measure(prepared.module, prepared.quant_layers(), layers, states[base], todo, sample, reference,
-                        kind, batch, bar)
+    # One work item per precision: the model holds the base states, each item swaps one layer
+    # at a time in and back (an executor elsewhere gets its own copy of the model).
+    items = [SensitivityWork(prepared.module, layers, states[base], todo[p], sample, reference, kind, batch)
+             for p in todo]
+    results = executor.map(measure_precision, items)
+    fresh = dict(zip(todo, tqdm(results, total=len(items), desc="sensitivity", unit="precision",
+                                disable=not show_progress, leave=False)))
     for p, got in fresh.items():
         cache.put("sensitivity", fingerprint(common, base, p, kind), got)
         losses[p] = got
     return base_loss, losses
 
 
-def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tensor, config: QuantConfig,
-             recipe: tuple[str, ...], run_recipe, cache: DiskCache, show_progress: bool = True) -> dict:
+def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tensor, config,
+             recipe: tuple[str, ...], run_candidates, cache: DiskCache, recipe_key: dict,
+             show_progress: bool = True, executor=None) -> dict:
     """Allocate bits to `prepared`'s layers (in place) and return the record for report.json.
-    `run_recipe(precision)` returns a fresh PreparedModel at that uniform precision after the
-    recipe's per-layer steps, and those steps' records."""
+    `run_candidates(precisions)` yields, for each precision, {"states": {layer: state},
+    "records": {step: record}} of a fresh model at that uniform precision after the recipe's
+    per-layer steps. `recipe_key` (the recipe's settings) joins every cache key."""
+    executor = executor or InProcessExecutor()
     cfg = config.allocation
     timings = {}
     base = tuple(cfg.base)
     precisions = list(dict.fromkeys([base, *map(tuple, cfg.precisions)]))
-    adaquant = config.adaquant.__dict__ if "adaquant" in recipe else None
     common = fingerprint(tensor_digest(model.state_dict().values()), type(model).__qualname__,
-                         tensor_digest([calib]), recipe, adaquant, config.ranges, config.percentile,
+                         tensor_digest([calib]), recipe, recipe_key, config.ranges, config.percentile,
                          config.w_symmetric, config.a_symmetric, config.first_last_bits,
                          config.embedding_bits, config.quantize_attention and config.a_bits, cfg.first_last,
                          sorted(config.layer_bits.items()), config.seed, config.forward_batch,
                          str(config.device))
 
     start = time.perf_counter()
-    states, candidate_records = candidate_states(precisions, common, run_recipe, cache)
+    states, candidate_records = candidate_states(precisions, common, run_candidates, cache)
     timings["candidates"] = time.perf_counter() - start
 
     order = [i.name for i in prepared.layers]
@@ -164,7 +231,7 @@ def allocate(model: torch.nn.Module, prepared: PreparedModel, calib: torch.Tenso
     with float_mode(prepared.reference) as float_module:
         reference = predict(float_module, sample, config.forward_batch, config.device)
     base_loss, losses = sensitivities(prepared, layers, states, base, sample, reference, config,
-                                      fingerprint(common, len(sample)), cache, show_progress)
+                                      fingerprint(common, len(sample)), cache, show_progress, executor)
     timings["sensitivity"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -9,10 +9,13 @@ parallel-AdaQuant result), so that per-layer entries add up to predict a mixed m
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
 from ..evaluate import output_loss
+from ..quant.layers import quant_layers
 
 
 @torch.no_grad()
@@ -73,3 +76,22 @@ def measure(module: fx.GraphModule, qlayers: dict, layers: list[str], base_state
                     progress.update(1)
         del runner
     return {p: {n: v / len(calib) for n, v in t.items()} for p, t in totals.items()}
+
+
+@dataclass
+class SensitivityWork:
+    """One candidate precision's column of the sensitivity table."""
+    module: torch.nn.Module     # holds the base states
+    layers: list[str]
+    base_states: dict
+    states: dict                # {layer: state at the candidate precision}
+    calib: torch.Tensor
+    reference: torch.Tensor
+    kind: str
+    batch: int
+
+
+def measure_precision(work: SensitivityWork) -> dict[str, float]:
+    """{layer: loss with that layer alone at the work's precision}."""
+    return measure(work.module, quant_layers(work.module), work.layers, work.base_states, {0: work.states},
+                   work.calib, work.reference, work.kind, work.batch)[0]

@@ -21,20 +21,85 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..config import AdaQuantConfig
 from ..errors import Sub8Error
+from ..executor import InProcessExecutor
 from ..prepare import PreparedModel
 from ..heap import reuse_freed_memory
-from ..quant.layers import QuantLayer, StopForward, quant_layers, run_observed
-from ..resume import module_state
+from ..quant.layers import QuantLayer, StopForward, module_state, quant_layers, run_observed
+from ..registry import setting
 from .adam import MultiTensorAdam
 from .fisher import fisher_weights
 from .split import holdout_split
+
+ADAQUANT_MODES = ("parallel", "sequential")
+ADAQUANT_LOSSES = ("mse", "fisher")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class AdaQuantConfig:
+    mode: str = setting("parallel", flag="--adaquant", choices=ADAQUANT_MODES,
+                        help="AdaQuant inputs: float (parallel) or the quantized model's (sequential)")
+    iters: int = setting(1000, flag="--iters", help="AdaQuant iterations per layer (faster on a CPU: 100, with "
+                         "--lr-weight 1e-2, --lr-input-quant 1e-1 and --batch-size 16; see README)")
+    batch_size: int = setting(50, flag="--batch-size", help="AdaQuant mini-batch")
+    # Weights move in units of their channel's grid step (see LayerVariables): the paper's
+    # absolute 1e-5 is about 1e-3 of a step for MobileNetV2's 1x1 convs at 4 bits, but under
+    # 1e-4 for its depthwise convs, which then barely move.
+    lr_weight: float = setting(1e-3, flag="--lr-weight",
+                               help="relative rate of the weights (in units of their channel's grid step)")
+    lr_bias: float = setting(1e-3, flag="--lr-bias", help="AdaQuant's rate of the biases")
+    # Quantizer steps are optimized in log space, so these two are relative rates; the paper's
+    # absolute 1e-1 for the input step becomes 1e-2 here.
+    lr_weight_quant: float = setting(1e-3, flag="--lr-weight-quant",
+                                     help="relative rate of the weight steps (log space)")
+    lr_input_quant: float = setting(1e-2, flag="--lr-input-quant",
+                                    help="relative rate of the input steps (log space)")
+    # Every rate decays to 0 along a half cosine over the iterations (the reference code keeps
+    # them constant: Adam then hovers around the optimum instead of settling in it).
+    lr_schedule: str = setting("cosine", flag="--lr-schedule", choices=LR_SCHEDULES,
+                               help="AdaQuant learning rates: cosine decay to 0, or constant")
+    holdout: float = setting(0.1, flag="--holdout", help="share of calibration samples kept out of "
+                             "AdaQuant and bias tuning to measure them")
+    # The reconstruction loss: each element's squared error weighted by the output loss's Fisher
+    # diagonal there (see fisher.py), estimated from `fisher_draws` backward passes of the float
+    # model per calibration sample; or the paper's plain MSE of the layer's activated output.
+    loss: str = setting("fisher", flag="--adaquant-loss", choices=ADAQUANT_LOSSES,
+                        help="AdaQuant's reconstruction loss: plain MSE, or each element weighted by the "
+                             "output loss's Fisher diagonal (see README)")
+    fisher_draws: int = setting(1, flag="--fisher-draws",
+                                help="backward passes per calibration sample that estimate the Fisher weights")
+    max_memory_gb: float = setting(4.0, flag="--max-memory", help="GB bound on AdaQuant's cached activations")
+    cache_fp16: bool = setting(False, flag="--cache-fp16", is_flag=True,
+                               help="cache AdaQuant activations in float16")
+
+    def __post_init__(self):
+        if self.mode not in ADAQUANT_MODES:
+            raise Sub8Error(f"adaquant.mode must be one of {', '.join(ADAQUANT_MODES)}, got {self.mode!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise Sub8Error(f"adaquant.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                            f"got {self.lr_schedule!r}")
+        if self.iters < 0 or self.batch_size < 1:
+            raise Sub8Error("AdaQuant needs adaquant.iters >= 0 and adaquant.batch_size >= 1")
+        if self.loss not in ADAQUANT_LOSSES:
+            raise Sub8Error(f"adaquant.loss must be one of {', '.join(ADAQUANT_LOSSES)}, got {self.loss!r}")
+        if self.fisher_draws < 1:
+            raise Sub8Error(f"adaquant.fisher_draws must be at least 1, got {self.fisher_draws}")
+        if not 0.0 < self.holdout < 1.0:
+            raise Sub8Error(f"adaquant.holdout must be in (0, 1), got {self.holdout}")
+        if self.max_memory_gb <= 0:
+            raise Sub8Error(f"adaquant.max_memory_gb (--max-memory) must be positive, got {self.max_memory_gb}")
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the loss weights its elements (then the cache holds the weights too)."""
+        return self.loss == "fisher"
+
 
 ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
 LR_SCALE = {"constant": lambda it, iters: 1.0,
@@ -274,33 +339,103 @@ def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, 
 
 def adaquant(prepared: PreparedModel, calib: torch.Tensor, cfg: AdaQuantConfig | None = None,
              forward_batch: int = 32, seed: int = 0, show_progress: bool = True, checkpoints=None,
-             output_loss: str = "kl") -> dict:
+             output_loss: str = "kl", executor=None) -> dict:
     """Run AdaQuant on every quantized layer with quantized weights. Returns the record for
     report.json: the settings, the cache groups and each layer's held-out MSE (and Fisher-weighted
     error) before/after and input step before/after.
     With `checkpoints` (resume.ScopedCheckpoints), each finished group is saved, and a group
     saved by an interrupted run is loaded instead of optimized again. `output_loss` (kl or mse)
-    is the model output's loss that Fisher weights (`cfg.loss == "fisher"`) stand for."""
+    is the model output's loss that Fisher weights (`cfg.loss == "fisher"`) stand for. In
+    parallel mode the groups are independent work items for `executor` (default: in-process)."""
     cfg = cfg or AdaQuantConfig()
     torch.set_flush_denormal(True)  # Adam's second moments decay into denormals: 20x slower on CPU
     try:
         with reuse_freed_memory():
-            return _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss)
+            return _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss,
+                             executor or InProcessExecutor())
     finally:
         torch.set_flush_denormal(False)
 
 
-def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss) -> dict:
+@dataclass
+class GroupWork:
+    """One memory group of layers to optimize. Parallel mode: the item computes the float inputs
+    and targets itself. Sequential mode: the caller hands over the quantized model's inputs
+    (`xs`) and the float targets (`ys`, `ws`)."""
+    layers: dict                      # name -> QuantLayer, optimized in place; states come back
+    float_module: torch.nn.Module     # the untouched float (reference) model
+    calib: torch.Tensor
+    cfg: AdaQuantConfig
+    followed: dict                    # name -> the activation after the layer
+    seeds: dict                       # name -> mini-batch generator seed
+    train: torch.Tensor
+    held: torch.Tensor
+    forward_batch: int
+    seed: int
+    dtype: torch.dtype
+    output_loss: str
+    xs: dict | None = None
+    ys: dict | None = None
+    ws: dict | None = None
+    setup_seconds: float = 0.0
+
+
+def float_inputs_and_targets(float_module, group: list[str], calib, cfg, followed, forward_batch, seed, dtype,
+                             output_loss):
+    """The float model's inputs of the group's layers, their activated float outputs, and (with
+    the Fisher loss) the loss weights."""
+    float_layers = quant_layers(float_module)
+    xs_float = capture_inputs(float_module, group, calib, forward_batch, dtype, float_model=True)
+    ys = {k: float_target(float_layers[k], xs_float[k], ACTIVATIONS[followed[k]], forward_batch) for k in group}
+    ws = {} if not cfg.weighted else fisher_weights(float_module, group, followed, calib, output_loss,
+                                                    cfg.fisher_draws, forward_batch, seed, dtype)
+    return xs_float, ys, ws
+
+
+def _nbytes(*caches: dict) -> int:
+    return sum(t.numel() * t.element_size() for d in caches for t in d.values())
+
+
+def fit_group(work: GroupWork, progress=None) -> dict:
+    """Optimize one group; {"states", "records", "peak_cache", "optimize_seconds"}."""
+    start = time.perf_counter()
+    group = list(work.layers)
+    if work.xs is None:
+        xs, ys, ws = float_inputs_and_targets(work.float_module, group, work.calib, work.cfg, work.followed,
+                                              work.forward_batch, work.seed, work.dtype, work.output_loss)
+    else:
+        xs, ys, ws = work.xs, work.ys, work.ws or {}
+    peak = _nbytes(xs, ys, ws)
+    layers, acts = work.layers, {k: ACTIVATIONS[work.followed[k]] for k in group}
+    h = work.held.to(work.calib.device)
+    before = {k: heldout_errors(layers[k], xs[k], ys[k], ws.get(k), h, acts[k], work.forward_batch) for k in group}
+    steps_before = {k: layers[k].input_quantizer.step.item() for k in group if layers[k].input_quantizer.enabled}
+    started = time.perf_counter()
+    optimize(layers, xs, ys, work.followed, work.train, work.cfg, work.seeds, progress, ws)
+    if work.calib.is_cuda:
+        torch.cuda.synchronize()
+    optimize_seconds = time.perf_counter() - started
+    seconds = (time.perf_counter() - start + work.setup_seconds) / len(group)
+    records = {}
+    for k in group:
+        after = heldout_errors(layers[k], xs[k], ys[k], ws.get(k), h, acts[k], work.forward_batch)
+        records[k] = {"name": k, **{f"heldout_{e}_before": v for e, v in before[k].items()},
+                      **{f"heldout_{e}_after": v for e, v in after.items()}, "seconds": seconds}
+        if k in steps_before:
+            records[k]["input_step"] = {"before": steps_before[k], "after": layers[k].input_quantizer.step.item()}
+    return {"states": {k: module_state(layers[k]) for k in group}, "records": records, "peak_cache": peak,
+            "optimize_seconds": optimize_seconds}
+
+
+def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss, executor) -> dict:
     from tqdm import tqdm
 
     layers = prepared.quant_layers()
     # Optimized layers change their float weights: inputs and targets come from the reference.
     float_module = prepared.reference
-    float_layers = quant_layers(float_module)
     info = {i.name: i for i in prepared.layers}
     names = [i.name for i in prepared.layers if layers[i.name].weight_quantizer.enabled]
     followed = {n: info[n].followed_by for n in names}
-    acts = {n: ACTIVATIONS[followed[n]] for n in names}
     seeds = {n: seed * 100_003 + k for k, n in enumerate(i.name for i in prepared.layers)}
 
     train, held = holdout_split(len(calib), cfg.holdout, seed, "AdaQuant")
@@ -318,69 +453,61 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
         # model's passes quadratic in depth), then each layer's quantized inputs from its own.
         target_group = {k: i for i, g in enumerate(groups) for k in g}
         target_groups, groups = groups, [[k] for k in names]
-    # sequential mode: the current memory group's targets (and loss weights), not yet used
-    targets: dict[str, torch.Tensor] = {}
-    weights: dict[str, torch.Tensor] = {}
 
-    def float_inputs_and_targets(group: list[str]):
-        xs_float = capture_inputs(float_module, group, calib, forward_batch, dtype, float_model=True)
-        ys = {k: float_target(float_layers[k], xs_float[k], acts[k], forward_batch) for k in group}
-        ws = {} if not weighted else fisher_weights(float_module, group, followed, calib, output_loss,
-                                                    cfg.fisher_draws, forward_batch, seed, dtype)
-        return xs_float, ys, ws
-
-    def nbytes(*caches: dict) -> int:
-        return sum(t.numel() * t.element_size() for d in caches for t in d.values())
+    def work(group, **caches) -> GroupWork:
+        return GroupWork({k: layers[k] for k in group}, float_module, calib, cfg, followed, seeds, train, held,
+                         forward_batch, seed, dtype, output_loss, **caches)
 
     records, peak_cache, optimize_seconds = {}, 0, 0.0
     bar = tqdm(total=len(names) * cfg.iters, desc=f"adaquant ({cfg.mode})", unit="it",
                disable=not show_progress, leave=False)
-    resumed = 0
+    resumed, todo = 0, []
     for index, group in enumerate(groups):
         saved = None if checkpoints is None else checkpoints.load("group", index, group)
         if saved is not None:  # optimized by an interrupted run of the same command
             for k in group:
                 layers[k].load_state_dict(saved["states"][k])
                 records[k] = saved["records"][k]
-                targets.pop(k, None)
-                weights.pop(k, None)
             resumed += 1
             bar.update(len(group) * cfg.iters)
-            continue
-        start = time.perf_counter()
-        if sequential:  # the quantized model's own inputs, for every sample
+        else:
+            todo.append((index, group))
+
+    def finished(index, group, result) -> None:
+        nonlocal peak_cache, optimize_seconds
+        for k in group:
+            layers[k].load_state_dict(result["states"][k])
+            records[k] = result["records"][k]
+        peak_cache = max(peak_cache, result["peak_cache"])
+        optimize_seconds += result["optimize_seconds"]
+        bar.update(len(group) * cfg.iters)
+        if checkpoints is not None:
+            checkpoints.save({"states": result["states"], "records": result["records"]}, "group", index, group)
+
+    if not sequential:  # independent groups: work items for the executor
+        items = [work(group) for _, group in todo]
+        for (index, group), result in zip(todo, executor.map(fit_group, items)):
+            finished(index, group, result)
+    else:
+        targets: dict[str, torch.Tensor] = {}  # the current memory group's targets (and loss weights)
+        weights: dict[str, torch.Tensor] = {}
+        for index, group in todo:
+            start = time.perf_counter()
             k = group[0]
             if k not in targets:  # this layer's and the rest of its memory group's
                 rest = target_groups[target_group[k]]
-                xs_float, targets, weights = float_inputs_and_targets(rest[rest.index(k):])
-                peak_cache = max(peak_cache, nbytes(xs_float, targets, weights))
+                xs_float, targets, weights = float_inputs_and_targets(float_module, rest[rest.index(k):], calib, cfg,
+                                                                      followed, forward_batch, seed, dtype, output_loss)
+                peak_cache = max(peak_cache, _nbytes(xs_float, targets, weights))
                 del xs_float
             ys = {k: targets.pop(k)}
             ws = {k: weights.pop(k)} if weighted else {}
+            # the quantized model's own inputs, for every sample
             xs = capture_inputs(prepared.module, group, calib, forward_batch, dtype, float_model=False)
-            peak_cache = max(peak_cache, nbytes(xs, ys, ws, targets, weights))
-        else:
-            xs, ys, ws = float_inputs_and_targets(group)
-            peak_cache = max(peak_cache, nbytes(xs, ys, ws))
-        h = held.to(calib.device)
-        before = {k: heldout_errors(layers[k], xs[k], ys[k], ws.get(k), h, acts[k], forward_batch) for k in group}
-        steps_before = {k: layers[k].input_quantizer.step.item() for k in group if layers[k].input_quantizer.enabled}
-        started = time.perf_counter()
-        optimize({k: layers[k] for k in group}, xs, ys, followed, train, cfg, seeds, bar, ws)
-        if calib.is_cuda:
-            torch.cuda.synchronize()
-        optimize_seconds += time.perf_counter() - started
-        seconds = (time.perf_counter() - start) / len(group)
-        for k in group:
-            after = heldout_errors(layers[k], xs[k], ys[k], ws.get(k), h, acts[k], forward_batch)
-            records[k] = {"name": k, **{f"heldout_{e}_before": v for e, v in before[k].items()},
-                          **{f"heldout_{e}_after": v for e, v in after.items()}, "seconds": seconds}
-            if k in steps_before:
-                records[k]["input_step"] = {"before": steps_before[k], "after": layers[k].input_quantizer.step.item()}
-        del xs, ys, ws
-        if checkpoints is not None:
-            checkpoints.save({"states": {k: module_state(layers[k]) for k in group},
-                              "records": {k: records[k] for k in group}}, "group", index, group)
+            peak_cache = max(peak_cache, _nbytes(xs, ys, ws, targets, weights))
+            result = fit_group(work(group, xs=xs, ys=ys, ws=ws, setup_seconds=time.perf_counter() - start))
+            del xs, ys, ws
+            finished(index, group, result)
     bar.close()
     return {"settings": asdict(cfg), "n_train": len(train), "n_heldout": len(held),
             "groups": len(groups), "resumed_groups": resumed, "peak_cache_mb": peak_cache / 2 ** 20,

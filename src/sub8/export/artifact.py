@@ -18,20 +18,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .. import __version__
+from .._version import __version__
+from ..adapters import prepare
+from ..atomic import write_bytes_atomic
 from ..config import QuantConfig
 from ..errors import Sub8Error
-from ..pipeline import QuantizedModel
-from ..prepare import prepare
+from ..prepare import QuantizedModel
 from ..quant.embedding import quant_embeddings
 from ..quant.layers import quant_layers, quant_operands
 from ..quant.quantizer import Quantizer, grid
-from ..report import write_bytes_atomic
 from ..zoo import load_model
 from .pack import pack, packed_bytes, unpack
 
 FORMAT = "sub8.artifact"
-VERSION = 1
+# 2: the header's config is QuantConfig.to_dict() with its own version (method settings under
+# "methods"); 1: the config's method settings were top-level. Both are read.
+VERSION = 2
+READS = (1, 2)
 FILENAME = "model.safetensors"
 METADATA_KEY = "sub8"
 
@@ -149,8 +152,9 @@ def read_header(path: str) -> tuple[dict, int]:
         raise Sub8Error(f"{path!r} is a safetensors file without a sub8 header") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise Sub8Error(f"{path!r} is not a sub8 artifact (format {header.get('format')!r})")
-    if header.get("version") != VERSION:
-        raise Sub8Error(f"{path!r} has format version {header.get('version')!r}; this sub8 reads {VERSION}")
+    if header.get("version") not in READS:
+        raise Sub8Error(f"{path!r} has format version {header.get('version')!r}; this sub8 reads "
+                        f"{', '.join(map(str, READS))} (a newer sub8 wrote it?)")
     for key in ("model", "input_shape", "config", "layers"):
         if key not in header:
             raise Sub8Error(f"{path!r}: the sub8 header has no {key!r}")
@@ -239,11 +243,14 @@ def load(run_dir: str, device: str = "cpu") -> QuantizedModel:
             tensors = st_load(fh.read())
     except SafetensorError as exc:
         raise Sub8Error(f"{path!r} is damaged: {exc}") from None
-    config = dict(header["config"])
-    config["device"] = device
-    config["layer_bits"] = {k: tuple(v) for k, v in config.get("layer_bits", {}).items()}
+    try:
+        config = QuantConfig.from_dict({**header["config"], "device": device})
+    except Sub8Error as exc:
+        raise Sub8Error(f"{path!r} (sub8 {header.get('sub8_version')}): its config does not load: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise Sub8Error(f"{path!r} (sub8 {header.get('sub8_version')}): malformed config ({exc})") from None
     loaded = load_model(header["model"], architecture_only=True)
-    prepared = prepare(loaded.module, torch.zeros(header["input_shape"]), QuantConfig(**config))
+    prepared = prepare(loaded.module, torch.zeros(header["input_shape"]), config)
     template = prepared.module.state_dict()
     reader = _Reader(path, tensors)
     state = {}

@@ -1,5 +1,6 @@
 from .graph import LayerInfo, capture
 from .fold import fold_batchnorm
-from .prepare import PreparedModel, prepare
+from .prepare import PreparedModel, QuantizedModel, module_layers, trace_and_fold, wrap_layers
 
-__all__ = ["LayerInfo", "PreparedModel", "capture", "fold_batchnorm", "prepare"]
+__all__ = ["LayerInfo", "PreparedModel", "QuantizedModel", "capture", "fold_batchnorm", "module_layers",
+           "trace_and_fold", "wrap_layers"]

@@ -1,15 +1,15 @@
-"""prepare(): capture the graph, fold BN, build the layer table, wrap layers, assign bits."""
+"""The pieces of preparation (capture and fold a graph, list the layers, assign bits, wrap the
+layers in quantizers); the model's adapter (sub8.adapters) decides which it needs."""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from ..config import QuantConfig
 from ..errors import Sub8Error
 from ..quant.embedding import QuantEmbedding, quant_embeddings
 from ..quant.layers import QuantLayer, quant_layers, quant_operands
@@ -51,7 +51,7 @@ class PreparedModel:
             info.w_bits, info.a_bits = layers[info.name].w_bits, layers[info.name].a_bits
 
 
-def assign_bits(layers: list[LayerInfo], config: QuantConfig) -> None:
+def assign_bits(layers: list[LayerInfo], config) -> None:
     """Uniform bits, then first/last layer bits, then the user's name patterns (in order)."""
     unmatched = set(config.layer_bits)
     for i, info in enumerate(layers):
@@ -68,34 +68,25 @@ def assign_bits(layers: list[LayerInfo], config: QuantConfig) -> None:
 
 
 def module_layers(module: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
-    """The layer table of a model that is not traced (`sub8_traceable = False`, e.g. a
-    transformer): every Linear, in registration order, with no graph facts (producers, the
-    activation after it); the activations between them stay in float."""
+    """The layer table of a model that is not traced (e.g. a transformer): every Linear, in
+    registration order, with no graph facts (producers, the activation after it); the
+    activations between them stay in float."""
     linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
     macs = count_macs(module, linears, example)
     return [LayerInfo(name=name, kind="linear", params=m.weight.numel() + (m.bias.numel() if m.bias is not None else 0),
                       macs=macs.get(name, 0)) for name, m in linears.items() if name in macs]
 
 
-def prepare(model: nn.Module, example: torch.Tensor, config: QuantConfig) -> PreparedModel:
-    """Return a quantizable copy of `model`; `model` itself is left untouched."""
-    float_params = sum(p.numel() for p in model.parameters())
-    if not getattr(model, "sub8_traceable", True):
-        module = copy.deepcopy(model).cpu().eval()
-        layers = module_layers(module, example.cpu())
-        attention = 0
-        if config.quantize_attention and config.a_bits is not None:
-            from ..text.attention import quantize_attention
-            attention = quantize_attention(module, example.cpu(), config.a_bits, config.a_symmetric)
-        return _wrap(module, layers, float_params, config, attention)
+def trace_and_fold(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, list[LayerInfo]]:
+    """A BN-folded fx copy of `model` and its layer table (producers, following ReLU, MACs)."""
     gm = capture(copy.deepcopy(model).cpu())
     folded = fold_batchnorm(gm)
-    layers = analyze(gm, example.cpu(), folded)
-    return _wrap(gm, layers, float_params, config)
+    return gm, analyze(gm, example.cpu(), folded)
 
 
-def _wrap(module: nn.Module, layers: list[LayerInfo], float_params: int, config: QuantConfig,
-          attention_modules: int = 0) -> PreparedModel:
+def wrap_layers(module: nn.Module, layers: list[LayerInfo], float_params: int, config,
+                attention_modules: int = 0) -> PreparedModel:
+    """Wrap the table's layers (and embedding tables) in quantizers at their assigned bits."""
     if not layers:
         raise Sub8Error("the model has no Conv2d or Linear layer to quantize")
     assign_bits(layers, config)
@@ -112,3 +103,17 @@ def _wrap(module: nn.Module, layers: list[LayerInfo], float_params: int, config:
     module = module.to(config.device).eval()
     return PreparedModel(module=module, layers=layers, float_params=float_params, reference=copy.deepcopy(module),
                          attention_modules=attention_modules)
+
+
+@dataclass
+class QuantizedModel:
+    """What a run returns: the prepared (fake-quantized) model and its report.json record."""
+    prepared: PreparedModel
+    report: dict = field(default_factory=dict)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.prepared.module
+
+    def __call__(self, x):
+        return self.prepared.module(x)

@@ -136,3 +136,9 @@ def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_s
     finally:
         for name in observers:
             layers[name].observer = None
+
+
+def module_state(module: nn.Module) -> dict:
+    """A detached CPU copy of a module's state dict (checkpoints, allocation candidates)."""
+    return {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+            for k, v in module.state_dict().items()}
