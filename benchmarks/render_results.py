@@ -1,0 +1,89 @@
+"""Render docs/benchmarks.md, and the README's headline table, from benchmarks/results/*.json.
+
+    python benchmarks/render_results.py
+
+Numbers come only from the committed result files; each table names its command and commit.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def gptq_tables(r: dict) -> list[str]:
+    lines = []
+    images = [x for x in r["rows"] if x["model"] == "zoo:mobilenet_v2"]
+    if images:
+        n = images[0]
+        lines += [f"MobileNetV2 (first and last layers at 8 bits), {n['n_calib']} calibration and {n['n_eval']} "
+                  f"evaluation photos; agreement with the float model; minutes of the method's own step:", "",
+                  "| bits | method | confident top-1 agreement | top-1 agreement | KL | minutes |",
+                  "|---|---|---|---|---|---|"]
+        for x in images:
+            m = x["metrics"]
+            lines.append(f"| {x['bits']} | {x['method']} | {fmt(m['top1_agreement_confident'])} | "
+                         f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {fmt(x['step_minutes'], 2)} |")
+        lines.append("")
+    texts = [x for x in r["rows"] if x["model"] == "zoo:minilm"]
+    if texts:
+        lines += ["MiniLM on the labelled tweets: accuracy through a logistic-regression head fit on float "
+                  "embeddings, frozen:", "", "| bits | method | accuracy | cosine to float | minutes |",
+                  "|---|---|---|---|---|"]
+        for x in texts:
+            m = x["metrics"]
+            lines.append(f"| {x['bits']} | {x['method']} | {fmt(m['accuracy'], 4)} | "
+                         f"{fmt(m.get('cosine_similarity'), 4)} | {fmt(x.get('step_minutes'), 2)} |")
+        lines.append("")
+    if r.get("gptq_over_adaquant_time"):
+        lines += ["GPTQ's time over AdaQuant's (the same run): " + "; ".join(
+            f"{k} {v:.3f}" for k, v in r["gptq_over_adaquant_time"].items()), ""]
+    return lines
+
+
+RENDERERS = {"gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables)}
+
+
+def provenance(r: dict) -> str:
+    m = r.get("machine", {})
+    return (f"`{r.get('command')}` at commit {r.get('commit')}, torch {r.get('versions', {}).get('torch')}, "
+            f"{m.get('cpus')} CPUs, {m.get('memory_gb')} GB")
+
+
+def main() -> int:
+    results = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
+        with open(path) as fh:
+            results[os.path.splitext(os.path.basename(path))[0]] = json.load(fh)
+    doc = ["# Benchmarks", "", "Rendered by `python benchmarks/render_results.py` from `benchmarks/results/*.json`; "
+           "edit nothing here by hand.", ""]
+    for name, r in results.items():
+        title, render = RENDERERS.get(name, (name, lambda r: ["(no table for this file yet)", ""]))
+        doc += [f"## {title}", "", f"From `benchmarks/results/{name}.json`: {provenance(r)}.", ""] + render(r)
+    with open(os.path.join(ROOT, "docs", "benchmarks.md"), "w") as fh:
+        fh.write("\n".join(doc).rstrip() + "\n")
+    readme_path = os.path.join(ROOT, "README.md")
+    with open(readme_path) as fh:
+        readme = fh.read()
+    headline = ["(rendered from `benchmarks/results/gptq.json` by `python benchmarks/render_results.py`)", ""]
+    headline += gptq_tables(results["gptq"]) if "gptq" in results else ["(no results yet)"]
+    readme = re.sub(r"<!-- headline:start -->.*?<!-- headline:end -->",
+                    lambda _: "<!-- headline:start -->\n" + "\n".join(headline).rstrip() + "\n<!-- headline:end -->",
+                    readme, flags=re.S)
+    with open(readme_path, "w") as fh:
+        fh.write(readme)
+    print(f"rendered {len(results)} result file(s) into docs/benchmarks.md and the README")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
