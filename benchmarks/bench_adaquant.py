@@ -30,13 +30,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, calibrate_ranges, prepare  # noqa: E402
 from sub8.calibrate import AdaQuantConfig, adaquant  # noqa: E402
 from sub8.config import ADAQUANT_LOSSES  # noqa: E402
 adaquant_module = importlib.import_module("sub8.calibrate.adaquant")  # the name `adaquant` is the function
 from sub8.data import load_images  # noqa: E402
 from sub8.quant.layers import quant_layers  # noqa: E402
-from sub8.report import StepLog, versions, write_json  # noqa: E402
+from sub8.report import StepLog, versions  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
 
 
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
         print(f"per-iteration time {rows[0]['schedule']} / {row['schedule']}: "
               f"{rows[0]['seconds_per_iter'] / row['seconds_per_iter']:.2f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    write_json(args.json, {"model": args.model, "n_calib": len(calib), "iters": args.iters,
+    write_json_result(args.json, {"model": args.model, "n_calib": len(calib), "iters": args.iters,
                            "batch_size": args.batch_size, "bits": args.bits, "device": args.device,
                            "adaquant_loss": args.adaquant_loss,
                            "versions": versions(), "rows": rows})

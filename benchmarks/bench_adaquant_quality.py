@@ -21,12 +21,14 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.calibrate import AdaQuantConfig  # noqa: E402
 from sub8.config import ADAQUANT_LOSSES, INPUT_RANGES, BiasTuningConfig  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import predict  # noqa: E402
-from sub8.report import versions, write_json  # noqa: E402
+from sub8.report import versions  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
 
 
@@ -114,7 +116,7 @@ def main(argv=None) -> int:
                   f"{metrics['top1_agreement']:6.3f} {metrics['kl']:7.3f} {seconds:8.1f} {peak:7.0f} {peak_cuda:7.0f} "
                   f"{ratio:>16}", flush=True)
             model = model.to(args.device)
-            write_json(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
+            write_json_result(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
                                    "iters": args.iters, "batch_size": args.batch_size, "lr_weight": args.lr_weight,
                                    "lr_input_quant": args.lr_input_quant,
                                    "adaquant_loss": args.adaquant_loss, "fisher_draws": args.fisher_draws,

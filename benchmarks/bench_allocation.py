@@ -25,14 +25,16 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.allocate import parse_precision, precision_label  # noqa: E402
 from sub8.allocate.costs import bops  # noqa: E402
 from sub8.config import AllocationConfig  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import predict  # noqa: E402
-from sub8.prepare import prepare  # noqa: E402
-from sub8.report import versions, write_json  # noqa: E402
+from sub8.adapters import prepare  # noqa: E402
+from sub8.report import versions  # noqa: E402
 from sub8.size import size_report  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
 
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         print(f"{experiment:<12} {label:<22} {row['size_ratio']:10.4f} {row['bops_ratio']:10.4f} "
               f"{m['top1_agreement_confident']:9.3f} {m['top1_agreement']:6.3f} {m['kl']:7.3f} "
               f"{row['predicted_degradation']:8.4f} {row['measured_degradation']:8.4f} {seconds:8.1f}", flush=True)
-        write_json(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
+        write_json_result(args.json, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
                                "versions": versions(), "rows": rows})
         return row
 

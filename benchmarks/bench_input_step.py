@@ -20,13 +20,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.calibrate.adaquant import ACTIVATIONS, capture_inputs, float_target, reconstruction_mse  # noqa: E402
 from sub8.calibrate.fisher import fisher_weights  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import compare, predict  # noqa: E402
 from sub8.quant.quantizer import affine_params  # noqa: E402
-from sub8.report import versions, write_json  # noqa: E402
+from sub8.report import versions  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
 
 
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
         print(f"{scale:6.2f} {row['step']:7.3f} {row['layer_mse']:10.5f} {row['fisher_error']:10.5f} "
               f"{m['top1_agreement_confident']:9.3f} {m['kl']:7.3f}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    write_json(args.json, {"model": args.model, "layer": args.layer, "a_bits": args.a_bits,
+    write_json_result(args.json, {"model": args.model, "layer": args.layer, "a_bits": args.a_bits,
                            "n_measure": len(part), "n_eval": len(evals), "fisher_draws": args.fisher_draws,
                            "versions": versions(), "rows": rows})
     return 0

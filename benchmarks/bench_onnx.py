@@ -25,11 +25,13 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.data.demo import build_demo_set  # noqa: E402
 from sub8.export.onnx_qdq import to_onnx  # noqa: E402
-from sub8.report import versions, write_json  # noqa: E402
+from sub8.report import versions  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
 
 MODELS = {"float": dict(w_bits="float", a_bits="float", first_last_bits="float"),
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
             rows.append(row)
             agree = "" if label == "float" else f"{agreement[label]:.3f}"
             print(f"{label:26s} {bs:5d} {ms:10.2f} {row['images_per_s']:8.1f} {row['speedup_vs_float']:8.2f}x {agree:>14s}")
-    write_json(args.json, {"benchmark": "onnx", "versions": versions(), "onnxruntime": ort.__version__,
+    write_json_result(args.json, {"benchmark": "onnx", "versions": versions(), "onnxruntime": ort.__version__,
                            "cpu_flags": cpu_flags(), "repeats": args.repeats, "rows": rows})
     print(f"wrote {args.json}")
     return 0

@@ -17,11 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.allocate import parse_precision  # noqa: E402
 from sub8.config import AdaQuantConfig, AllocationConfig, BiasTuningConfig  # noqa: E402
 from sub8.data import load_images  # noqa: E402
-from sub8.report import write_json  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
 
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         print(f"{step['name']:<20} {m['top1_agreement_confident']:9.3f} {m['top1_agreement']:6.3f} "
               f"{m['top5_agreement']:6.3f} {m['kl']:7.3f} {step['seconds']:8.1f} {step['peak_rss_mb']:7.0f}")
     print(f"size ratio {report['size']['ratio']:.4f}")
-    write_json(args.json, report)
+    write_json_result(args.json, report)
     return 0
 
 

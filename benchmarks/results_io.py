@@ -38,3 +38,8 @@ def write_result(name: str, data: dict, path: str | None = None) -> str:
     write_json(path, {"benchmark": name, "command": "python " + " ".join(sys.argv), "commit": commit(),
                       "versions": versions(), "machine": machine(), **data})
     return path
+
+
+def write_json_result(path: str, data: dict) -> str:
+    """write_result named after the file (benchmarks' --json PATH)."""
+    return write_result(os.path.splitext(os.path.basename(path))[0], data, path)
