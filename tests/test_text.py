@@ -332,3 +332,27 @@ def test_light_pipeline_allocates_bits_over_a_transformers_linear_layers(tmp_pat
     assert qm.report["attention"]["bits"] == 8 and qm.report["embeddings"]["model.embeddings.word_embeddings"]["bits"] == 8
     with torch.no_grad():
         assert torch.isfinite(qm(calib)).all()
+
+
+def test_pareto_front_of_a_text_encoder_measures_cosine(tmp_path):
+    """The Pareto sweep works for a text model too: its points are measured by the adapter's
+    headline metric (embedding cosine), not image agreement."""
+    from sub8.pareto import pareto
+    model = tiny_encoder()
+    calib = tokens([3, 17, 9, 1, 12, 6, 8, 4, 15, 2, 11, 7], seed=2)
+    evals = tokens([5, 9, 14, 3, 8], seed=3)
+    config = sub8.QuantConfig(a_bits=8, steps=("ranges", "allocate"), cache_dir=str(tmp_path / "cache"),
+                              allocation={"size_ratio": 0.3, "precisions": ((8, 8), (4, 8))})
+    result = pareto(model, calib, evals, config, [0.2, 0.3], echo=lambda line: None)
+    assert result["metric"] == "cosine_similarity"
+    assert len(result["points"]) == 2 and [u["precision"] for u in result["uniform"]] == ["W8A8", "W4A8"]
+    cos = {u["precision"]: u["metrics"]["cosine_similarity"] for u in result["uniform"]}
+    assert 0.9 < cos["W4A8"] < cos["W8A8"] <= 1.0
+    assert all(p["size_ratio"] <= p["budget"] + 1e-9 for p in result["points"] if "error" not in p)
+
+
+def test_commands_for_images_refuse_a_text_model_in_one_line(minilm):
+    from click.testing import CliRunner
+    from sub8.cli import main
+    result = CliRunner().invoke(main, ["demo", "--model", "zoo:minilm"])
+    assert result.exit_code == 2 and "is a text model" in result.output

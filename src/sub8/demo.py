@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import time
 
+from .adapters import ImageAdapter, adapter_for
 from .config import QuantConfig
 from .data import load_images
 from .data.demo import DEMO_SET_VERSION, build_demo_set
+from .errors import Sub8Error
 from .evaluate import compare, predict
 from .pipeline import quantize
 from .report import write_json
@@ -26,8 +28,12 @@ def default_photo_dir() -> str:
 
 def run_demo(model_spec: str, ranges: str, photos: str | None, out_path: str | None, seed: int,
              echo=print) -> list[dict]:
-    calib_dir, eval_dir = build_demo_set(photos or default_photo_dir())
     loaded = load_model(model_spec)
+    adapter = adapter_for(loaded.module)
+    if not isinstance(adapter, ImageAdapter):
+        raise Sub8Error(f"sub8 demo quantizes an image model on photos; {model_spec} is a {adapter.kind} model "
+                        f"(use sub8 quantize with text files)")
+    calib_dir, eval_dir = build_demo_set(photos or default_photo_dir())
     calib = load_images(calib_dir, loaded.transform, seed=seed, role="calibration")
     evals = load_images(eval_dir, loaded.transform, seed=seed, role="evaluation")
     float_logits = predict(loaded.module, evals.images)
