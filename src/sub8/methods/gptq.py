@@ -13,6 +13,9 @@ The grid (per-channel step and zero point) comes from the range calibration befo
 (`--steps ranges,gptq`). Inputs: sequential (the default) takes them from the model quantized
 so far, activations quantized, so each layer corrects what came before; parallel takes the
 float model's (then layers are independent and GPTQ may come before bit allocation).
+Sequential GPTQ runs the model once over the whole calibration set, layer by layer (an fx graph
+node by node; a model without a graph in one forward whose layers are GPTQ'd as it reaches
+them), so it holds the activations of all calibration samples at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import Sub8Error
-from ..quant.layers import QuantLayer, StopForward, run_observed
+from ..quant.layers import QuantLayer, run_observed
 from ..registry import register, setting
 
 GPTQ_MODES = ("sequential", "parallel")
@@ -196,15 +199,16 @@ def gptq_step(ctx) -> dict:
                 records[n] = {"name": n, **gptq_layer(layers[n], accs[n].hessian(), cfg)}
         elif isinstance(prepared.module, fx.GraphModule):
             _SequentialGPTQ(prepared.module, layers, cfg, c.forward_batch, records).run(calib)
-        else:  # no graph: one partial pass of the quantized model per layer
-            for n in [i.name for i in prepared.layers if i.name in layers]:
-                acc = HessianAccumulator(layers[n])
+        else:  # no graph: one pass over the whole set; each layer is GPTQ'd when the pass reaches it
+            names = {id(m): n for n, m in layers.items()}
 
-                def observe(site, x, acc=acc):
+            def observe(site, x):
+                name = names[id(site)]
+                if name not in records:  # (a layer called twice in a forward is done once)
+                    acc = HessianAccumulator(site)
                     acc(site, x)
-                    raise StopForward
+                    records[name] = {"name": name, **gptq_layer(site, acc.hessian(), cfg)}
 
-                run_observed(prepared.module, {n: observe}, calib, c.forward_batch, float_model=False)
-                records[n] = {"name": n, **gptq_layer(layers[n], acc.hessian(), cfg)}
+            run_observed(prepared.module, {n: observe for n in layers}, calib, len(calib), float_model=False)
     order = [i.name for i in prepared.layers if i.name in records]
     return {"settings": asdict(cfg), "seconds": time.perf_counter() - start, "layers": [records[n] for n in order]}
