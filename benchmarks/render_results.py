@@ -50,7 +50,18 @@ def gptq_tables(r: dict) -> list[str]:
     return lines
 
 
-RENDERERS = {"gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables)}
+def eval_speed_table(r: dict) -> list[str]:
+    lines = [f"{r['n_eval']} evaluation photos, batch {r['args']['batch']}, {r['threads']} threads, best of "
+             f"{r['args']['repeats']}; the float model's forward: {r['float_seconds']:.2f} s.", "",
+             "| bits (RTN) | fake-quantized s | over float | BN-folded, quantizers bypassed s |", "|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['bits']} | {x['fake_quant_seconds']:.2f} | {x['fake_quant_over_float']:.2f} | "
+                     f"{x['folded_float_seconds']:.2f} |")
+    return lines + [""]
+
+
+RENDERERS = {"gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables),
+             "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table)}
 
 
 def provenance(r: dict) -> str:
