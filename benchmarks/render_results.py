@@ -60,7 +60,22 @@ def eval_speed_table(r: dict) -> list[str]:
     return lines + [""]
 
 
-RENDERERS = {"gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables),
+def adaquant_quality_table(r: dict) -> list[str]:
+    lines = [f"{r['model']}, {r['n_calib']} calibration and {r['n_eval']} evaluation photos, {r['iters']} iterations, "
+             f"mini-batch {r['batch_size']}, lr_weight {r['lr_weight']:g}, lr_input_quant {r['lr_input_quant']:g}, "
+             f"{r['adaquant_loss']} loss; first and last layers at 8 bits:", "",
+             "| bits | method | confident top-1 agreement | top-1 agreement | KL | AdaQuant minutes |",
+             "|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        m = x["metrics"]
+        minutes = None if x.get("adaquant_seconds") is None else x["adaquant_seconds"] / 60
+        lines.append(f"| {x['bits']} | {x['method']} | {fmt(m['top1_agreement_confident'])} | "
+                     f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {fmt(minutes, 2)} |")
+    return lines + [""]
+
+
+RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_quality_table),
+             "gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables),
              "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table)}
 
 

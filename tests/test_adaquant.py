@@ -91,7 +91,7 @@ def test_loss_uses_the_activation_that_follows_in_the_graph(optimize_calls):
 def test_grouped_parallel_run_equals_one_layer_at_a_time():
     model = randomize_bn(TinyNet())
     x = torch.rand(40, 3, 32, 32)
-    cfg = dict(iters=15, batch_size=8, lr_weight=1e-3)
+    cfg = dict(mode="parallel", iters=15, batch_size=8, lr_weight=1e-3)
     together = rtn(model, x)
     one_by_one = rtn(model, x)
     rec_all = adaquant(together, x, AdaQuantConfig(**cfg, max_memory_gb=1.0), show_progress=False)
@@ -111,7 +111,7 @@ def test_cache_stays_under_max_memory():
     x = torch.rand(40, 3, 32, 32)
     p = rtn(model, x)
     budget_gb = tight_budget_gb(p, x)
-    rec = adaquant(p, x, AdaQuantConfig(iters=1, max_memory_gb=budget_gb), show_progress=False)
+    rec = adaquant(p, x, AdaQuantConfig(mode="parallel", iters=1, max_memory_gb=budget_gb), show_progress=False)
     assert rec["groups"] >= 4
     assert 0 < rec["peak_cache_mb"] <= budget_gb * 1024
     with pytest.raises(Sub8Error, match="max-memory"):

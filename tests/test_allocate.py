@@ -166,11 +166,20 @@ def test_advanced_reports_each_candidates_adaquant(tmp_path, calib):
     a = quantize(model, calib, config).report["allocate"]
     assert set(a["candidates"]) == set(a["precisions"]) | {a["base"]}
     for label, steps in a["candidates"].items():
+        assert steps["adaquant"]["settings"]["mode"] == "parallel", label  # auto, in a candidate's recipe
         layers = steps["adaquant"]["layers"]
         assert {r["name"] for r in layers} >= set(a["choice"]), label
         assert all(r["heldout_mse_after"] >= 0 and r["heldout_mse_before"] >= 0 for r in layers)
     again = quantize(model, calib, replace(config, allocation=AllocationConfig(size_ratio=0.19))).report["allocate"]
     assert again["candidates"] == a["candidates"] and again["cache"]["misses"] == 0
+
+
+def test_adaquant_auto_mode_is_sequential_at_the_runs_own_bits(calib):
+    model = peaky_tiny()
+    config = QuantConfig(pipeline="adaquant", adaquant={"iters": 2, "batch_size": 8}, cache_dir=None)
+    assert config.adaquant.mode == "auto"
+    record = quantize(model, calib, config).report["adaquant"]
+    assert record["settings"]["mode"] == "sequential" and record["groups"] == len(record["layers"])
 
 
 def test_first_and_last_layers_can_join_the_allocation(tmp_path, calib):

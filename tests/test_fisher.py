@@ -94,7 +94,7 @@ def test_adaquant_with_fisher_loss_lowers_the_weighted_heldout_error():
     model, x = randomize_bn(TinyNet()), torch.rand(120, 3, 16, 16)
     p = prepare(model, x[:1], QuantConfig(w_bits=4, a_bits=4, first_last_bits=8, cache_dir=None))
     calibrate_ranges(p, x, "mse")
-    record = adaquant(p, x, AdaQuantConfig(iters=200, loss="fisher", fisher_draws=2), forward_batch=32,
+    record = adaquant(p, x, AdaQuantConfig(mode="parallel", iters=200, loss="fisher", fisher_draws=2), forward_batch=32,
                       show_progress=False)
     assert record["settings"]["loss"] == "fisher" and record["settings"]["fisher_draws"] == 2
     for layer in record["layers"]:

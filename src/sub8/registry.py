@@ -129,6 +129,7 @@ class RunContext:
     checkpoints: Any = None            # resume.Checkpoints
     done: tuple[str, ...] = ()         # the steps finished before the current one
     fresh: bool = False                # read nothing from the disk cache
+    candidate: bool = False            # a per-layer recipe that bit allocation replays at one precision
 
     def inside(self):
         """Checkpoints inside the current step (AdaQuant resumes after its last finished group)."""

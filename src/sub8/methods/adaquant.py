@@ -1,5 +1,6 @@
 """AdaQuant layer-wise calibration (Hubara et al., 2021): the steps `adaquant` (the mode the
-settings say) and `adaquant_sequential` (sequential whatever they say: after bit allocation it
+settings say; `auto`: sequential, except in a candidate's recipe before bit allocation, which
+is parallel) and `adaquant_sequential` (sequential whatever they say: after bit allocation it
 corrects the errors the chosen mix accumulates, layer after layer)."""
 
 from dataclasses import replace
@@ -10,12 +11,14 @@ from ..registry import register
 
 
 def _parallel_only(config) -> None:
-    if config.adaquant.mode != "parallel":
+    if config.adaquant.mode == "sequential":
         raise Sub8Error("AdaQuant before bit allocation must be parallel: sequential results depend "
                         "on the other layers' bits")
 
 
 def _run(ctx, cfg) -> dict:
+    if cfg.mode == "auto":  # a candidate's recipe must not depend on the other layers' bits
+        cfg = replace(cfg, mode="parallel" if ctx.candidate else "sequential")
     c = ctx.config
     return run_adaquant(ctx.prepared, ctx.calib.to(c.device), cfg, c.forward_batch, c.seed,
                         checkpoints=ctx.inside(), output_loss=c.output_loss, executor=ctx.executor)

@@ -30,7 +30,7 @@ def run_candidate(work: CandidateWork) -> dict:
     layer_bits = {**{name: work.precision for name in work.first_last}, **c.layer_bits}
     config = replace(c, w_bits=work.precision[0], a_bits=work.precision[1], layer_bits=layer_bits, steps=c.steps)
     prepared = work.adapter.prepare(work.model, work.calib[:1], config)
-    ctx = RunContext(config, prepared, work.calib, model=work.model, adapter=work.adapter)
+    ctx = RunContext(config, prepared, work.calib, model=work.model, adapter=work.adapter, candidate=True)
     records = {name: get(name).run(ctx) for name in config.steps}
     return {"states": layer_states(prepared), "records": {n: r for n, r in records.items() if r is not None}}
 
