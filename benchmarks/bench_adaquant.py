@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     for schedule in args.schedules.split(","):
         p = prepare(loaded.module, calib[:1], QuantConfig(w_bits=w, a_bits=a, device=args.device))
         calibrate_ranges(p, calib, "minmax")
-        cfg = AdaQuantConfig(iters=args.iters, batch_size=args.batch_size, max_memory_gb=args.max_memory,
+        cfg = AdaQuantConfig(mode="parallel", iters=args.iters, batch_size=args.batch_size, max_memory_gb=args.max_memory,
                              loss=args.adaquant_loss)
         log = StepLog()
         if schedule == "plain":

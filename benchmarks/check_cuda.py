@@ -50,7 +50,7 @@ def run(model, device: str, budget_gb: float | None, x: torch.Tensor):
     if budget_gb is None:
         # (the default loss caches Fisher weights too)
         budget_gb = max(per_sample_bytes(p, x, 4, AdaQuantConfig().weighted).values()) * len(x) * 1.01 / 2 ** 30
-    rec = adaquant(p, x, AdaQuantConfig(iters=15, batch_size=8, lr_weight=1e-3, max_memory_gb=budget_gb),
+    rec = adaquant(p, x, AdaQuantConfig(mode="parallel", iters=15, batch_size=8, lr_weight=1e-3, max_memory_gb=budget_gb),
                    show_progress=False)
     return rec["groups"], {k: v.cpu() for k, v in p.module.state_dict().items() if isinstance(v, torch.Tensor)}
 
