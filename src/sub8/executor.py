@@ -14,20 +14,13 @@ from typing import Callable, Iterable, Iterator
 
 
 class Executor:
-    name = "executor"
-
     def map(self, fn: Callable, items: Iterable) -> Iterator:
         """fn(item) for each item, in order (an iterator: the caller may act on each result as it
         arrives, e.g. checkpoint it)."""
         raise NotImplementedError
 
-    def describe(self) -> dict:
-        return {"name": self.name}
-
 
 class InProcessExecutor(Executor):
-    name = "in-process"
-
     def map(self, fn: Callable, items: Iterable) -> Iterator:
         return map(fn, items)
 

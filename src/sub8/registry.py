@@ -1,6 +1,6 @@
 """The method registry: a method is one module that registers a step by name.
 
-A step is one function over the run context (`pipeline.Run`): it reads `ctx.config`, changes
+A step is one function over the run context (`RunContext`, below): it reads `ctx.config`, changes
 `ctx.prepared` in place and may return a record, which report.json keeps under the step's
 name. A method with settings declares them as a dataclass whose fields carry their CLI flag
 and help (`setting(...)`); the CLI options, `QuantConfig`'s to/from dict, report.json's config
@@ -38,7 +38,6 @@ class Method:
     # None: the method needs the other layers' bits (it cannot come before 'allocate'); else a
     # check of the config, raising Sub8Error when this config's run of it is not per-layer.
     per_layer: Callable[[Any], None] | None = None
-    doc: str = ""
 
 
 METHODS: dict[str, Method] = {}
@@ -54,7 +53,7 @@ def register(name: str, *, settings: type | None = None, settings_key: str | Non
         if settings is not None and not dataclasses.is_dataclass(settings):
             raise Sub8Error(f"method {name!r}: settings must be a dataclass")
         key = settings_key or (name if settings is not None else None)
-        METHODS[name] = Method(name, fn, settings, key, per_layer, (fn.__doc__ or "").strip().split("\n")[0])
+        METHODS[name] = Method(name, fn, settings, key, per_layer)
         return fn
     return decorator
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import copy
-
 from ..data import load_images
-from ..prepare import module_layers, trace_and_fold, wrap_layers
+from ..prepare import prepare_traced, prepare_untraced
 from .base import ModelAdapter, Samples
 
 
@@ -17,9 +15,7 @@ class ImageAdapter(ModelAdapter):
         return True
 
     def prepare(self, model, example, config):
-        float_params = sum(p.numel() for p in model.parameters())
-        gm, layers = trace_and_fold(model, example)
-        return wrap_layers(gm, layers, float_params, config)
+        return prepare_traced(model, example, config)
 
     def load_samples(self, path, loaded, role, limit=None, seed=0, labels="none", **options) -> Samples:
         images = load_images(path, loaded.transform, limit=limit, seed=seed,
@@ -37,6 +33,4 @@ class UntracedAdapter(ImageAdapter):
         return not getattr(model, "sub8_traceable", True)
 
     def prepare(self, model, example, config):
-        float_params = sum(p.numel() for p in model.parameters())
-        module = copy.deepcopy(model).cpu().eval()
-        return wrap_layers(module, module_layers(module, example.cpu()), float_params, config)
+        return prepare_untraced(model, example, config)

@@ -5,11 +5,10 @@ losses never count padding."""
 
 from __future__ import annotations
 
-import copy
 import os
 
 from ..errors import Sub8Error
-from ..prepare import module_layers, wrap_layers
+from ..prepare import prepare_untraced
 from ..text.model import SentenceEncoder, SequenceClassifier
 from .base import ModelAdapter, Samples
 
@@ -24,13 +23,11 @@ class TextAdapter(ModelAdapter):
     def prepare(self, model, example, config):
         from ..text.attention import quantize_attention
 
-        float_params = sum(p.numel() for p in model.parameters())
-        module = copy.deepcopy(model).cpu().eval()
-        layers = module_layers(module, example.cpu())
-        attention = 0
-        if config.quantize_attention and config.a_bits is not None:
-            attention = quantize_attention(module, example.cpu(), config.a_bits, config.a_symmetric)
-        return wrap_layers(module, layers, float_params, config, attention)
+        def attention(module, example):
+            return quantize_attention(module, example, config.a_bits, config.a_symmetric)
+
+        quantized = config.quantize_attention and config.a_bits is not None
+        return prepare_untraced(model, example, config, attention if quantized else None)
 
     def load_samples(self, path, loaded, role, limit=None, seed=0, text_column="text", label_column=None,
                      max_length=128, classes=None, **options) -> Samples:

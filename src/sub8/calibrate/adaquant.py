@@ -404,7 +404,7 @@ def _nbytes(*caches: dict) -> int:
     return sum(t.numel() * t.element_size() for d in caches for t in d.values())
 
 
-def fit_group(work: GroupWork, progress=None) -> dict:
+def fit_group(work: GroupWork) -> dict:
     """Optimize one group; {"states", "records", "peak_cache", "optimize_seconds"}."""
     start = time.perf_counter()
     group = list(work.layers)
@@ -419,7 +419,7 @@ def fit_group(work: GroupWork, progress=None) -> dict:
     before = {k: heldout_errors(layers[k], xs[k], ys[k], ws.get(k), h, acts[k], work.forward_batch) for k in group}
     steps_before = {k: layers[k].input_quantizer.step.item() for k in group if layers[k].input_quantizer.enabled}
     started = time.perf_counter()
-    optimize(layers, xs, ys, work.followed, work.train, work.cfg, work.seeds, progress, ws)
+    optimize(layers, xs, ys, work.followed, work.train, work.cfg, work.seeds, None, ws)
     if work.calib.is_cuda:
         torch.cuda.synchronize()
     optimize_seconds = time.perf_counter() - started

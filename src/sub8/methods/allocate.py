@@ -28,7 +28,7 @@ def run_candidate(work: CandidateWork) -> dict:
     """{"states": {layer: state}, "records": {step: record}} after the recipe at one precision."""
     c = work.config
     layer_bits = {**{name: work.precision for name in work.first_last}, **c.layer_bits}
-    config = replace(c, w_bits=work.precision[0], a_bits=work.precision[1], layer_bits=layer_bits, steps=c.steps)
+    config = replace(c, w_bits=work.precision[0], a_bits=work.precision[1], layer_bits=layer_bits)
     prepared = work.adapter.prepare(work.model, work.calib[:1], config)
     ctx = RunContext(config, prepared, work.calib, model=work.model, adapter=work.adapter, candidate=True)
     records = {name: get(name).run(ctx) for name in config.steps}

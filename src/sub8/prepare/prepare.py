@@ -77,11 +77,27 @@ def module_layers(module: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
                       macs=macs.get(name, 0)) for name, m in linears.items() if name in macs]
 
 
-def trace_and_fold(model: nn.Module, example: torch.Tensor) -> tuple[fx.GraphModule, list[LayerInfo]]:
-    """A BN-folded fx copy of `model` and its layer table (producers, following ReLU, MACs)."""
+def prepare_traced(model: nn.Module, example: torch.Tensor, config) -> PreparedModel:
+    """A BN-folded fx copy of `model` whose layers (from the graph: producers, following ReLU,
+    MACs) are wrapped in quantizers."""
     gm = capture(copy.deepcopy(model).cpu())
     folded = fold_batchnorm(gm)
-    return gm, analyze(gm, example.cpu(), folded)
+    return wrap_layers(gm, analyze(gm, example.cpu(), folded), _param_count(model), config)
+
+
+def prepare_untraced(model: nn.Module, example: torch.Tensor, config, operands=None) -> PreparedModel:
+    """A copy of `model` whose Linear layers are wrapped in place (no graph). `operands(module,
+    example)`, if given, quantizes inputs that no layer owns and returns how many modules it
+    changed (attention's matrix products)."""
+    module = copy.deepcopy(model).cpu().eval()
+    layers = module_layers(module, example.cpu())
+    extra = operands(module, example.cpu()) if operands is not None else 0
+    return wrap_layers(module, layers, _param_count(model), config, extra)
+
+
+def _param_count(model: nn.Module) -> int:
+    """Parameters of the user's (unfolded) float model."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def wrap_layers(module: nn.Module, layers: list[LayerInfo], float_params: int, config,
