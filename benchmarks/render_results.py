@@ -53,10 +53,43 @@ def gptq_tables(r: dict) -> list[str]:
 def eval_speed_table(r: dict) -> list[str]:
     lines = [f"{r['n_eval']} evaluation photos, batch {r['args']['batch']}, {r['threads']} threads, best of "
              f"{r['args']['repeats']}; the float model's forward: {r['float_seconds']:.2f} s.", "",
-             "| bits (RTN) | fake-quantized s | over float | BN-folded, quantizers bypassed s |", "|---|---|---|---|"]
+             "| bits (RTN) | fake-quantized s | over float | weights quantized in every forward s | over float "
+             "| BN-folded, quantizers bypassed s |", "|---|---|---|---|---|---|"]
     for x in r["rows"]:
+        again = x.get("weights_requantized_seconds")
         lines.append(f"| {x['bits']} | {x['fake_quant_seconds']:.2f} | {x['fake_quant_over_float']:.2f} | "
+                     f"{fmt(again, 2)} | {fmt(x.get('weights_requantized_over_float'), 2)} | "
                      f"{x['folded_float_seconds']:.2f} |")
+    return lines + [""]
+
+
+def peers_table(r: dict, models=None) -> list[str]:
+    lines = []
+    for model in models or dict.fromkeys(x["model"] for x in r["rows"]):
+        rows = [x for x in r["rows"] if x["model"] == model]
+        n = rows[0]
+        lines += [f"{model}: {n['n_calib']} calibration and {n['n_eval']} evaluation photos; agreement with the "
+                  f"float model; seconds of the whole quantization:", "",
+                  "| bits | tool | confident top-1 agreement | top-1 agreement | KL | seconds |", "|---|---|---|---|---|---|"]
+        for x in rows:
+            if "metrics" in x:
+                m = x["metrics"]
+                lines.append(f"| {x['bits']} | {x['tool']} | {fmt(m['top1_agreement_confident'])} | "
+                             f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {x['seconds']:.0f} |")
+            else:
+                why = x.get("not_offered") or x["error"].splitlines()[0][:160]
+                lines.append(f"| {x['bits']} | {x['tool']} | {'not offered' if 'not_offered' in x else 'failed'}: "
+                             f"{why.replace('|', '/')} | | | |")
+        lines.append("")
+    return lines
+
+
+def onnx_table(r: dict) -> list[str]:
+    lines = [f"ONNX Runtime {r.get('onnxruntime', '')}, CPU provider; CPU flags {', '.join(r.get('cpu_flags', []))}:",
+             "", "| model | batch | median latency ms | images/s | over float |", "|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['model']} | {x['batch']} | {x['median_ms']:.2f} | {x['images_per_s']:.1f} | "
+                     f"{fmt(x.get('speedup_vs_float'), 2)} |")
     return lines + [""]
 
 
@@ -76,7 +109,10 @@ def adaquant_quality_table(r: dict) -> list[str]:
 
 RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_quality_table),
              "gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables),
-             "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table)}
+             "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table),
+             "peers": ("sub8 against torchao, NNCF and Brevitas", peers_table),
+             "peers_efficientnet": ("sub8 against torchao and NNCF: EfficientNet-Lite0", peers_table),
+             "onnx": ("ONNX Runtime: the exported W8A8 model against float", onnx_table)}
 
 
 def provenance(r: dict) -> str:
@@ -100,8 +136,8 @@ def main() -> int:
     readme_path = os.path.join(ROOT, "README.md")
     with open(readme_path) as fh:
         readme = fh.read()
-    headline = ["(rendered from `benchmarks/results/gptq.json` by `python benchmarks/render_results.py`)", ""]
-    headline += gptq_tables(results["gptq"]) if "gptq" in results else ["(no results yet)"]
+    headline = ["(rendered from `benchmarks/results/peers.json` by `python benchmarks/render_results.py`)", ""]
+    headline += peers_table(results["peers"], ["zoo:mobilenet_v2"]) if "peers" in results else ["(no results yet)"]
     readme = re.sub(r"<!-- headline:start -->.*?<!-- headline:end -->",
                     lambda _: "<!-- headline:start -->\n" + "\n".join(headline).rstrip() + "\n<!-- headline:end -->",
                     readme, flags=re.S)

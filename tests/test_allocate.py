@@ -115,7 +115,9 @@ def calib():
 
 
 def light(tmp_path, **alloc):
-    return QuantConfig(pipeline="light", allocation=AllocationConfig(**alloc), cache_dir=str(tmp_path / "cache"))
+    # (the grids these tests were measured with: asymmetric weights, MSE ranges)
+    return QuantConfig(pipeline="light", allocation=AllocationConfig(**alloc), cache_dir=str(tmp_path / "cache"),
+                       w_symmetric=False, ranges="mse")
 
 
 def test_allocated_model_meets_budget_and_its_cost_is_the_real_size(tmp_path, calib):

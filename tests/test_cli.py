@@ -39,7 +39,8 @@ def test_quantize_writes_report_and_loadable_model(image_dirs, tmp_path):
     assert report["metrics"]["float"]["top1_agreement"] == 1.0
     assert 0 <= report["metrics"]["quantized"]["top1_agreement"] <= 1
     assert {"name", "w_bits", "a_bits", "params", "macs"} <= set(report["layers"][0])
-    assert {s["name"] for s in report["steps"]} == {"prepare", "ranges", "evaluate"}
+    # the default at W8A8: ranges, then bias correction
+    assert [s["name"] for s in report["steps"]] == ["prepare", "evaluate", "ranges", "bias_correction"]
     assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 0 for s in report["steps"])
     assert report["versions"]["torch"] == torch.__version__
     assert 0 < report["size"]["ratio"] < 0.5 and report["calibration"]["n_images"] == 8
@@ -167,7 +168,7 @@ def test_calibration_folders(tmp_path, image_dirs):
     ("--a-bits", "1", "bits must be in 2..8"),
     ("--first-last-bits", "x", "bits must be an integer"),
     ("--layer-bits", "fc", "PATTERN=W[,A]"),
-    ("--pipeline", "magic", "unknown pipeline"),
+    ("--pipeline", "magic", "'magic' is not one of 'auto', 'rtn'"),
     ("--steps", "ranges,magic", "unknown step"),
     ("--holdout", "1.5", "holdout must be in (0, 1)"),
 ])

@@ -48,7 +48,7 @@ def _quantized(w_symmetric=False):
     model, transform = tiny()
     randomize_bn(model)
     calib = torch.randn(16, 3, 32, 32)
-    config = sub8.QuantConfig(layer_bits=MIXED_BITS, w_symmetric=w_symmetric)
+    config = sub8.QuantConfig(layer_bits=MIXED_BITS, w_symmetric=w_symmetric, pipeline="rtn")
     return sub8.quantize(model, calib, config), torch.randn(6, 3, 32, 32), transform
 
 
@@ -121,7 +121,7 @@ def test_onnx_runtime_matches_sub8_on_a_small_model(layer_bits, w_symmetric):
     model, _ = tiny()
     randomize_bn(model)
     calib = torch.randn(32, 3, 32, 32)
-    qm = sub8.quantize(model, calib, sub8.QuantConfig(layer_bits=layer_bits, w_symmetric=w_symmetric))
+    qm = sub8.quantize(model, calib, sub8.QuantConfig(layer_bits=layer_bits, w_symmetric=w_symmetric, pipeline="rtn"))
     onnx_model, storage = to_onnx(qm.module, (1, 3, 32, 32))
     x = torch.randn(64, 3, 32, 32)
     with torch.no_grad():
@@ -156,7 +156,7 @@ def test_cli_quantize_then_export(image_dirs, tmp_path):
     calib, _ = image_dirs
     out = tmp_path / "run"
     result = CliRunner().invoke(main, ["quantize", "--model", "python:tinymodels:tiny", "--calib", calib,
-                                       "--w-bits", "4", "--a-bits", "8", "--out", str(out)])
+                                       "--w-bits", "4", "--a-bits", "8", "--pipeline", "rtn", "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.load(open(out / "report.json"))
     art = report["artifact"]
@@ -166,7 +166,7 @@ def test_cli_quantize_then_export(image_dirs, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.load(open(out / "report.json"))["export"]["onnx"]
     assert record["opset"] == 21 and os.path.getsize(tmp_path / "m.onnx") == record["bytes"]
-    assert record["layers"]["block.conv1"] == {"weight": "uint4", "input": "uint8"}
+    assert record["layers"]["block.conv1"] == {"weight": "uint4", "input": "uint8"}  # asymmetric below 8 bits
     result = CliRunner().invoke(main, ["export", str(tmp_path / "nothing"), "--onnx", str(tmp_path / "x.onnx")])
     assert result.exit_code != 0 and "has no model.safetensors" in result.output
 
@@ -188,7 +188,8 @@ def mobilenet_photos(tmp_path_factory):
 def test_mobilenet_v2_artifact_size(tmp_path, monkeypatch, mobilenet_photos, w_bits, a_bits, most):
     loaded, calib, _ = mobilenet_photos
     # (min/max ranges: the size does not depend on the range method, and they are quick)
-    qm = sub8.quantize(loaded.module, calib[:8], sub8.QuantConfig(w_bits=w_bits, a_bits=a_bits, ranges="minmax"))
+    qm = sub8.quantize(loaded.module, calib[:8], sub8.QuantConfig(w_bits=w_bits, a_bits=a_bits, ranges="minmax",
+                                                                      pipeline="rtn"))
     path = sub8.save(qm, str(tmp_path), "zoo:mobilenet_v2", (1, 3, 224, 224))
     torch.save(loaded.module.state_dict(), tmp_path / "float.pt")
     ratio = os.path.getsize(path) / os.path.getsize(tmp_path / "float.pt")

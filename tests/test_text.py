@@ -127,7 +127,7 @@ def test_quantized_attention_matches_a_float64_computation():
     its calibrated grid in float64, eager attention with the additive padding mask."""
     model = tiny_encoder()
     x = tokens([3, 17, 9, 1, 12, 6], seed=1)
-    qm = sub8.quantize(model, x, sub8.QuantConfig(w_bits=4, a_bits=4))
+    qm = sub8.quantize(model, x, sub8.QuantConfig(w_bits=4, a_bits=4, pipeline="rtn"))
     assert qm.report["attention"] == {"modules": 2, "bits": 4, "operands": ["query", "key", "probs", "value"]}
     attn = qm.module.get_submodule("model.encoder.layer.1.attention.self")
     seen = {}

@@ -14,6 +14,7 @@ import torch
 
 from .config import QuantConfig, parse_layer_bits
 from .errors import Sub8Error
+from .pipeline import PIPELINES
 from .evaluate import OUTPUT_LOSSES
 from .quant.ranges import METHODS
 from .registry import cli_fields, settings_classes
@@ -97,8 +98,8 @@ def quant_options(fn):
         click.option("--weights", default=None, help="state dict file for torchvision:/python: models"),
         click.option("--calib", required=True, help="calibration samples: a folder of images, or a .csv/.jsonl "
                      "file of texts for a text model"),
-        click.option("--w-bits", default="4", show_default=True, help="weight bits 2..8 or float"),
-        click.option("--a-bits", default="4", show_default=True, help="activation bits 2..8 or float"),
+        click.option("--w-bits", default="8", show_default=True, help="weight bits 2..8 or float"),
+        click.option("--a-bits", default="8", show_default=True, help="activation bits 2..8 or float"),
         click.option("--first-last-bits", default="8", show_default=True, help="bits of the first and last layer"),
         click.option("--embedding-bits", default="8", show_default=True,
                      help="bits of embedding tables (per-row grids) or float"),
@@ -106,12 +107,20 @@ def quant_options(fn):
                      help="quantize attention's matrix-product operands (queries, keys, softmax "
                           "probabilities, values) at --a-bits in transformers models"),
         click.option("--layer-bits", multiple=True, help="PATTERN=W[,A] per-layer bits by name pattern (repeatable)"),
-        click.option("--pipeline", default="rtn", show_default=True,
-                     help="rtn, adaquant (ranges then AdaQuant), light or advanced (bit allocation)"),
+        click.option("--pipeline", type=click.Choice(list(PIPELINES)), default="auto", show_default=True,
+                     help="auto: ranges then bias correction when every layer has 8 bits, ranges then "
+                          "sequential AdaQuant when any has fewer; rtn: ranges only (round to nearest); "
+                          "adaquant: ranges then AdaQuant; light, advanced: the paper's bit-allocation recipes"),
         click.option("--steps", default=None, help="explicit step list, e.g. ranges,bias_correction or ranges,gptq"),
-        click.option("--ranges", type=click.Choice(METHODS), default="mse", show_default=True),
+        click.option("--ranges", type=click.Choice(METHODS), default="auto", show_default=True,
+                     help="range of every grid: auto (image models: percentile at 8 bits, mse below; text "
+                          "models: mse, which keeps their outlier features), minmax, percentile (--percentile), "
+                          "mse (the clipping that minimizes the rounding error)"),
         click.option("--percentile", default=99.99, show_default=True, help="for --ranges percentile"),
-        click.option("--w-symmetric", is_flag=True, help="symmetric weight grids (default asymmetric)"),
+        click.option("--w-symmetric", is_flag=True, help="weight grids with zero point 0 at every width "
+                     "[default: at 8 bits only, where they lose less and ONNX Runtime's integer kernels need them]"),
+        click.option("--w-asymmetric", is_flag=True, help="weight grids with a zero point per channel at every "
+                     "width [default: below 8 bits only]"),
         click.option("--a-symmetric", is_flag=True, help="symmetric activation grids (default asymmetric)"),
         click.option("--samples", default=256, show_default=True, help="calibration samples to use"),
         click.option("--forward-batch", default=32, show_default=True, help="samples per forward pass"),
@@ -135,6 +144,8 @@ def quant_options(fn):
 def build_config(o: dict) -> QuantConfig:
     if o["device"].startswith("cuda") and not torch.cuda.is_available():
         raise Sub8Error(f"--device {o['device']}: no CUDA device is available")
+    if o["w_symmetric"] and o["w_asymmetric"]:
+        raise Sub8Error("--w-symmetric and --w-asymmetric exclude each other")
     methods = method_settings(o)
     extra = {} if o["cache_dir"] is None else {"cache_dir": o["cache_dir"]}
     if o["no_cache"]:
@@ -142,7 +153,7 @@ def build_config(o: dict) -> QuantConfig:
     return QuantConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], first_last_bits=o["first_last_bits"],
                        embedding_bits=o["embedding_bits"], quantize_attention=o["quantize_attention"],
                        layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
-                       w_symmetric=o["w_symmetric"], a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
+                       w_symmetric=True if o["w_symmetric"] else False if o["w_asymmetric"] else None, a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
                        steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
                        output_loss=o["output_loss"], device=o["device"], methods=methods, **extra)
 
@@ -231,7 +242,7 @@ def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opt
         ratios = [float(r) for r in size_ratios.split(",") if r.strip()]
     except ValueError:
         raise Sub8Error(f"--size-ratios expects numbers like 0.1,0.15, got {size_ratios!r}") from None
-    if opts["pipeline"] == "rtn" and not opts["steps"]:
+    if opts["pipeline"] == "auto" and not opts["steps"]:
         opts["pipeline"] = "light"
     if not ratios:
         raise Sub8Error("--size-ratios needs at least one budget")
@@ -339,13 +350,14 @@ def print_summary(report: dict, out_dir: str) -> None:
 
 @main.command()
 @click.option("--model", "model_spec", default="zoo:mobilenet_v2", show_default=True)
-@click.option("--ranges", type=click.Choice(METHODS), default="mse", show_default=True)
+@click.option("--ranges", type=click.Choice(METHODS), default="auto", show_default=True)
 @click.option("--photos", default=None, help="where to write the demo crops (default: a cache folder)")
 @click.option("--out", "out_path", default=None, help="also write the table as JSON here")
 @click.option("--seed", default=0, show_default=True)
 @clean_errors
 def demo(model_spec, ranges, photos, out_path, seed):
-    """Quantize the default model on the embedded photos at W8A8, W4A8 and W4A4 (RTN)."""
+    """Quantize the default model on the embedded photos, W8A8 to W4A4: round to nearest, the
+    default recipe, sequential AdaQuant (CPU setting) and one mixed-precision point."""
     from .demo import run_demo
     run_demo(model_spec, ranges, photos, out_path, seed, echo=click.echo)
 

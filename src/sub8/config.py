@@ -29,8 +29,9 @@ CONFIG_VERSION = 2
 
 @dataclass
 class QuantConfig:
-    w_bits: int | None = 4
-    a_bits: int | None = 4
+    # 8 bits: what a user can ship without a second look; fewer bits are asked for explicitly.
+    w_bits: int | None = 8
+    a_bits: int | None = 8
     # First and last quantizable layers (in graph order); None keeps them in float.
     first_last_bits: int | None = 8
     # fnmatch pattern on layer names -> (w_bits, a_bits); applied after first/last, in order.
@@ -40,11 +41,14 @@ class QuantConfig:
     # Quantize the operands of attention's two matrix products (queries, keys, softmax
     # probabilities, values) at a_bits, in transformers models.
     quantize_attention: bool = True
-    ranges: str = "mse"
+    # Range estimator of every grid; auto: percentile at 8 bits, MSE-optimal clipping below.
+    ranges: str = "auto"
     percentile: float = 99.99
-    w_symmetric: bool = False
+    # Weight grids with zero point 0 (True), a zero point per channel (False), or None: symmetric
+    # at 8 bits and asymmetric below (prepare.weight_symmetric says why).
+    w_symmetric: bool | None = None
     a_symmetric: bool = False
-    pipeline: str = "rtn"
+    pipeline: str = "auto"
     steps: tuple[str, ...] | None = None  # an explicit step list overrides the pipeline's
     samples: int = 256
     forward_batch: int = 32  # images per forward pass (calibration, evaluation)

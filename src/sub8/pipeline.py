@@ -31,9 +31,33 @@ from .size import size_report
 # rtn: round-to-nearest after range calibration, the paper's baseline. light and advanced (the
 # paper's recipes): bits allocated by integer programming over per-layer range calibration, or
 # over parallel AdaQuant; then (advanced) sequential AdaQuant on the mix; then BN and bias tuning.
-PIPELINES = {"rtn": ("ranges",), "adaquant": ("ranges", "adaquant"),
+# auto (the default) picks by precision: see auto_steps.
+PIPELINES = {"auto": None, "rtn": ("ranges",), "adaquant": ("ranges", "adaquant"),
              "light": ("ranges", "allocate", "bn_tuning", "bias_tuning"),
              "advanced": ("ranges", "adaquant", "allocate", "adaquant_sequential", "bn_tuning", "bias_tuning")}
+
+# What `--pipeline auto` runs, measured in benchmarks/bench_peers.py: at 8 bits, rounding each
+# layer's weights shifts its output channels' means and the shifts add up through the network;
+# bias correction removes them for about twice RTN's time. Below 8 bits rounding itself must be
+# learned: sequential AdaQuant.
+AUTO_8_BITS = ("ranges", "bias_correction")
+AUTO_UNDER_8_BITS = ("ranges", "adaquant")
+
+
+def lowest_bits(config: QuantConfig) -> int | None:
+    """The fewest bits any weight or activation of a layer is asked to have (None: all float)."""
+    bits = [config.w_bits, config.a_bits] + [b for pair in config.layer_bits.values() for b in pair]
+    bits = [b for b in bits if b is not None]
+    return min(bits) if bits else None
+
+
+def auto_steps(config: QuantConfig) -> tuple[str, ...]:
+    """--pipeline auto: ranges and bias correction when every layer keeps 8 bits, ranges and
+    AdaQuant (sequential at a uniform precision) when any has fewer."""
+    low = lowest_bits(config)
+    if low is None:
+        return ("ranges",)
+    return AUTO_8_BITS if low >= 8 else AUTO_UNDER_8_BITS
 
 
 def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
@@ -47,7 +71,7 @@ def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
         return tuple(config.steps)
     if config.pipeline not in PIPELINES:
         raise Sub8Error(f"unknown pipeline {config.pipeline!r}; choose one of {', '.join(PIPELINES)}")
-    return PIPELINES[config.pipeline]
+    return auto_steps(config) if config.pipeline == "auto" else PIPELINES[config.pipeline]
 
 
 def split_recipe(config: QuantConfig, steps: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -105,6 +129,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     executor = executor or default_executor()
     if config.output_loss is None:
         config = replace(config, output_loss=adapter.default_output_loss(model))
+    if config.ranges == "auto":
+        config = replace(config, ranges=adapter.default_ranges())
     recipe, steps = split_recipe(config, pipeline_steps(config))
     calib = as_tensor(calib)
     torch.manual_seed(config.seed)

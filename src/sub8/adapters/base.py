@@ -38,6 +38,11 @@ class ModelAdapter:
         """The label-free loss of quantized vs float outputs that fits the model's output."""
         return "mse" if self.output_of(model) == "embedding" else "kl"
 
+    def default_ranges(self) -> str:
+        """What `--ranges auto` means for this kind of model: `auto` (percentile at 8 bits, MSE
+        below; quant/ranges.py) unless the adapter knows better."""
+        return "auto"
+
     def headline_metric(self, model) -> str:
         return "cosine_similarity" if self.output_of(model) == "embedding" else "top1_agreement_confident"
 

@@ -20,6 +20,11 @@ class TextAdapter(ModelAdapter):
     def accepts(cls, model) -> bool:
         return isinstance(model, (SentenceEncoder, SequenceClassifier))
 
+    def default_ranges(self) -> str:
+        # A transformer's few outlier features carry its meaning: a percentile range clips them
+        # (MiniLM W8A8 embedding cosine 0.943 with percentile ranges, 0.992 with MSE ranges).
+        return "mse"
+
     def prepare(self, model, example, config):
         from ..text.attention import quantize_attention
 

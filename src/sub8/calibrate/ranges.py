@@ -44,7 +44,7 @@ class ActivationObserver:
 
 
 @torch.no_grad()
-def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str = "mse",
+def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str = "auto",
                      percentile: float = 99.99, batch_size: int = 32, seed: int = 0,
                      layers: bool = True) -> dict:
     """Set every quantizer's step and zero point (`layers=False`: only those outside the

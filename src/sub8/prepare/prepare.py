@@ -100,6 +100,16 @@ def _param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def weight_symmetric(config, bits: int | None) -> bool:
+    """A weight grid's symmetry: config.w_symmetric, or when it is None (auto) symmetric at 8
+    bits (its mean shifts add up less through the network, and ONNX Runtime's integer kernels
+    need it: benchmarks/bench_peers.py) and asymmetric below, where a zero point buys a grid
+    level that a 4-bit grid cannot spare."""
+    if config.w_symmetric is not None:
+        return config.w_symmetric
+    return bits is not None and bits >= 8
+
+
 def wrap_layers(module: nn.Module, layers: list[LayerInfo], float_params: int, config,
                 attention_modules: int = 0) -> PreparedModel:
     """Wrap the table's layers (and embedding tables) in quantizers at their assigned bits."""
@@ -108,12 +118,12 @@ def wrap_layers(module: nn.Module, layers: list[LayerInfo], float_params: int, c
     assign_bits(layers, config)
     for info in layers:
         wrapper = QuantLayer(module.get_submodule(info.name), info.w_bits, info.a_bits,
-                             w_symmetric=config.w_symmetric, a_symmetric=config.a_symmetric)
+                             w_symmetric=weight_symmetric(config, info.w_bits), a_symmetric=config.a_symmetric)
         module.set_submodule(info.name, wrapper)
     if config.embedding_bits is not None:
         for name in [n for n, m in module.named_modules() if isinstance(m, nn.Embedding)]:
             module.set_submodule(name, QuantEmbedding(module.get_submodule(name), config.embedding_bits,
-                                                      symmetric=config.w_symmetric))
+                                                      symmetric=weight_symmetric(config, config.embedding_bits)))
     if isinstance(module, fx.GraphModule):
         module.recompile()
     module = module.to(config.device).eval()

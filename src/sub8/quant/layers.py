@@ -34,6 +34,7 @@ class QuantLayer(nn.Module):
                                           symmetric=w_symmetric)
         self.input_quantizer = Quantizer(a_bits, symmetric=a_symmetric)
         self.observer = None
+        self._weight_cache = None  # (key, tensor): the quantized weight, reused while nothing changes
         # A subclass (e.g. a "same"-padding conv) keeps its own forward; we only swap tensors.
         self._plain = type(layer) in (nn.Conv2d, nn.Linear)
 
@@ -46,7 +47,25 @@ class QuantLayer(nn.Module):
         return self.input_quantizer.bits
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.layer.weight)
+        """The fake-quantized weight. Without gradients (evaluation) it is computed once and
+        reused until the weight, its grid or its bits change: the versions that every in-place
+        update bumps (an optimizer step, load_state_dict, set_range) are part of the key."""
+        weight, q = self.layer.weight, self.weight_quantizer
+        if torch.is_grad_enabled():
+            self._weight_cache = None
+            return q(weight)
+        # The cache holds the tensors themselves, so a replaced one cannot be mistaken for them.
+        tensors = (weight, q.step, q.zero_point)
+        key = (weight._version, q.step._version, q.zero_point._version, q.bits, q.signed, q.bypass, q.initialized)
+        cached = self._weight_cache
+        if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], tensors)):
+            self._weight_cache = cached = (key, tensors, q(weight))
+        return cached[2]
+
+    def __getstate__(self):
+        # Copies and pickles (executor work items) leave the cache behind.
+        state = super().__getstate__()
+        return {**state, "_weight_cache": None}
 
     def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The wrapped layer's own computation with the given weight and bias."""

@@ -10,7 +10,7 @@ import torch
 
 from .quantizer import affine_params, grid
 
-METHODS = ("minmax", "percentile", "mse")
+METHODS = ("auto", "minmax", "percentile", "mse")
 
 
 def minmax(rows: torch.Tensor):
@@ -47,9 +47,18 @@ def mse(rows: torch.Tensor, bits: int, symmetric: bool, grid_points: int = 100):
     return best_lo, best_hi
 
 
+def auto_method(bits: int) -> str:
+    """`auto`: at 8 bits the rounding noise is small and clipping costs more than it saves, so
+    the percentile range keeps nearly all of it; with fewer bits the rounding noise dominates and
+    the MSE-optimal clipping wins (measured: benchmarks/bench_peers.py)."""
+    return "percentile" if bits >= 8 else "mse"
+
+
 def estimate(rows: torch.Tensor, method: str, bits: int, symmetric: bool, pct: float = 99.99):
     """(lo, hi) per row by `method`."""
     rows = rows.float()
+    if method == "auto":
+        method = auto_method(bits)
     if method == "minmax":
         return minmax(rows)
     if method == "percentile":
