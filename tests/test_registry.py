@@ -114,7 +114,7 @@ def test_an_artifact_of_format_1_still_loads(tmp_path, image_dirs):
     calib, _ = image_dirs
     out = str(tmp_path / "run")
     result = CliRunner().invoke(main, ["quantize", "--model", "python:tinymodels:tiny", "--calib", calib,
-                                       "--w-bits", "4", "--out", out])
+                                       "--w-bits", "4", "--pipeline", "rtn", "--out", out])
     assert result.exit_code == 0, result.output
     path = os.path.join(out, FILENAME)
     x = torch.randn(2, 3, 32, 32)
