@@ -38,11 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.data import load_images  # noqa: E402
+from sub8.demo import CPU_ADAQUANT  # noqa: E402
 from sub8.evaluate import compare, predict  # noqa: E402
 from sub8.zoo import load_model  # noqa: E402
-
-CPU_ADAQUANT = {"mode": "sequential", "iters": 100, "batch_size": 16, "lr_weight": 1e-2, "lr_input_quant": 1e-1}
-
 
 # -- sub8 -----------------------------------------------------------------------------------
 def sub8_recipes(w: int, a: int) -> dict[str, dict]:
@@ -153,7 +151,7 @@ class NotOffered(Exception):
 
 # -- the run --------------------------------------------------------------------------------
 def tools(w, a, args) -> dict:
-    out = {f"{name}": ("sub8", settings) for name, settings in sub8_recipes(w, a).items()}
+    out = {name: ("sub8", settings) for name, settings in sub8_recipes(w, a).items()}
     out["torchao PT2E X86InductorQuantizer default"] = ("torchao", "x86")
     out["torchao PT2E XNNPACKQuantizer per-channel"] = ("torchao", "xnnpack")
     out["NNCF nncf.quantize default preset"] = ("nncf", None)

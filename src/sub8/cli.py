@@ -146,6 +146,7 @@ def build_config(o: dict) -> QuantConfig:
         raise Sub8Error(f"--device {o['device']}: no CUDA device is available")
     if o["w_symmetric"] and o["w_asymmetric"]:
         raise Sub8Error("--w-symmetric and --w-asymmetric exclude each other")
+    w_symmetric = True if o["w_symmetric"] else False if o["w_asymmetric"] else None  # None: by bits
     methods = method_settings(o)
     extra = {} if o["cache_dir"] is None else {"cache_dir": o["cache_dir"]}
     if o["no_cache"]:
@@ -153,7 +154,7 @@ def build_config(o: dict) -> QuantConfig:
     return QuantConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], first_last_bits=o["first_last_bits"],
                        embedding_bits=o["embedding_bits"], quantize_attention=o["quantize_attention"],
                        layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
-                       w_symmetric=True if o["w_symmetric"] else False if o["w_asymmetric"] else None, a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
+                       w_symmetric=w_symmetric, a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
                        steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
                        output_loss=o["output_loss"], device=o["device"], methods=methods, **extra)
 

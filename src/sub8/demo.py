@@ -20,8 +20,8 @@ from .zoo import load_model
 # AdaQuant's faster setting for a CPU (the paper's 1000 iterations per layer take a GPU).
 CPU_ADAQUANT = {"mode": "sequential", "iters": 100, "batch_size": 16, "lr_weight": 1e-2, "lr_input_quant": 1e-1}
 
-# (row label, what it shows, QuantConfig settings). Sequential AdaQuant runs once, at W4A8,
-# so that the demo stays within about 4 minutes on 2 cores.
+# (row label, what it shows, QuantConfig settings). Sequential AdaQuant runs once, at W4A8, to
+# keep the demo short (each AdaQuant row takes about 2 minutes on 2 cores).
 DEMO_ROWS = (
     ("W8A8 rtn", "round to nearest", dict(w_bits=8, a_bits=8, pipeline="rtn")),
     ("W8A8 default", "sub8's default: ranges + bias correction", dict(w_bits=8, a_bits=8)),

