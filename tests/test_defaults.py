@@ -19,6 +19,7 @@ from tinymodels import tiny
     ({"w_bits": 4, "a_bits": 8}, ("ranges", "adaquant")),
     ({"w_bits": 8, "a_bits": 4}, ("ranges", "adaquant")),
     ({"layer_bits": {"fc": (4, 8)}}, ("ranges", "adaquant")),          # any layer under 8 bits
+    ({"first_last_bits": 4}, ("ranges", "adaquant")),
     ({"w_bits": "float", "a_bits": "float"}, ("ranges",)),
     ({"w_bits": 4, "pipeline": "rtn"}, ("ranges",)),                   # an explicit pipeline wins
 ])

@@ -46,7 +46,8 @@ AUTO_UNDER_8_BITS = ("ranges", "adaquant")
 
 def lowest_bits(config: QuantConfig) -> int | None:
     """The fewest bits any weight or activation of a layer is asked to have (None: all float)."""
-    bits = [config.w_bits, config.a_bits] + [b for pair in config.layer_bits.values() for b in pair]
+    bits = [config.w_bits, config.a_bits, config.first_last_bits] + \
+        [b for pair in config.layer_bits.values() for b in pair]
     bits = [b for b in bits if b is not None]
     return min(bits) if bits else None
 
