@@ -20,7 +20,8 @@ from tinymodels import tiny
     ({"w_bits": 8, "a_bits": 4}, ("ranges", "adaquant")),
     ({"layer_bits": {"fc": (4, 8)}}, ("ranges", "adaquant")),          # any layer under 8 bits
     ({"first_last_bits": 4}, ("ranges", "adaquant")),
-    ({"w_bits": "float", "a_bits": "float"}, ("ranges",)),
+    ({"w_bits": "float", "a_bits": "float", "first_last_bits": "float"}, ("ranges",)),
+    ({"w_bits": "float", "a_bits": "float"}, ("ranges", "bias_correction")),  # first/last at 8 bits
     ({"w_bits": 4, "pipeline": "rtn"}, ("ranges",)),                   # an explicit pipeline wins
 ])
 def test_auto_pipeline_picks_the_recipe_by_precision(settings, steps):
