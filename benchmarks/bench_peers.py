@@ -26,6 +26,7 @@ A peer that fails is a row with its exact error. Writes benchmarks/results/peers
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results_io import write_result  # noqa: E402
+from results_io import RESULTS, commit, write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.demo import CPU_ADAQUANT  # noqa: E402
@@ -47,7 +48,8 @@ def sub8_recipes(w: int, a: int) -> dict[str, dict]:
     """The recipes sub8 runs at one width: its default, and what it is measured against."""
     if (w, a) == (8, 8):
         return {
-            "sub8 default (symmetric, auto ranges, bias correction)": {},
+            "sub8 default (symmetric, auto ranges, bias correction, requantized junctions)": {},
+            "sub8 default without requantized junctions (--no-requantize)": {"requantize": False},
             "sub8 rtn, symmetric, auto ranges": {"pipeline": "rtn"},
             "sub8 rtn, the old default (asymmetric, mse ranges)": {"pipeline": "rtn", "w_symmetric": False,
                                                                     "ranges": "mse"},
@@ -173,6 +175,17 @@ def run_tool(kind, option, model, calib, w, a, args):
     return run_brevitas(model, calib, w, a, option, iters=args.brevitas_iters)
 
 
+def kept_rows(name: str, measured: set) -> list[dict]:
+    """The earlier result file's rows of (model, bits) pairs not in `measured`, each with the
+    commit that measured it."""
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        old = json.load(fh)
+    return [{"commit": old.get("commit"), **r} for r in old["rows"] if (r["model"], r["bits"]) not in measured]
+
+
 def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
@@ -189,6 +202,9 @@ def main(argv=None) -> int:
                     help="learned-rounding iterations per layer (Brevitas' default 1000 is hours on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="peers", help="the result file's name")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the result file's rows of the model and bit pairs this run does not measure "
+                         "(each row names the commit that measured it)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     rows = []
@@ -203,7 +219,8 @@ def main(argv=None) -> int:
         for bits in args.bits.split(","):
             w, a = (int(v) for v in bits[1:].split("A"))
             for name, (kind, option) in tools(w, a, args).items():
-                row = {"model": spec, "bits": bits, "tool": name, "n_calib": len(calib), "n_eval": len(evals)}
+                row = {"model": spec, "bits": bits, "tool": name, "n_calib": len(calib), "n_eval": len(evals),
+                       "commit": commit()}
                 start = time.perf_counter()
                 try:
                     qmodel = run_tool(kind, option, loaded.module, calib, w, a, args)
@@ -223,6 +240,8 @@ def main(argv=None) -> int:
                 else:
                     print(f"{spec:20s} {bits:5s} {name:58s} {row.get('not_offered') or row['error'][:200]}",
                           flush=True)
+    if args.update:
+        rows = kept_rows(args.name, {(r["model"], r["bits"]) for r in rows}) + rows
     path = write_result(args.name, {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
     return 0

@@ -70,16 +70,18 @@ def peers_table(r: dict, models=None) -> list[str]:
         n = rows[0]
         lines += [f"{model}: {n['n_calib']} calibration and {n['n_eval']} evaluation photos; agreement with the "
                   f"float model; seconds of the whole quantization:", "",
-                  "| bits | tool | confident top-1 agreement | top-1 agreement | KL | seconds |", "|---|---|---|---|---|---|"]
+                  "| bits | tool | confident top-1 agreement | top-1 agreement | KL | seconds | commit |",
+                  "|---|---|---|---|---|---|---|"]
         for x in rows:
+            at = x.get("commit", r.get("commit"))  # (a run with --update keeps earlier rows)
             if "metrics" in x:
                 m = x["metrics"]
                 lines.append(f"| {x['bits']} | {x['tool']} | {fmt(m['top1_agreement_confident'])} | "
-                             f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {x['seconds']:.0f} |")
+                             f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {x['seconds']:.0f} | {at} |")
             else:
                 why = x.get("not_offered") or x["error"].splitlines()[0][:160]
                 lines.append(f"| {x['bits']} | {x['tool']} | {'not offered' if 'not_offered' in x else 'failed'}: "
-                             f"{why.replace('|', '/')} | | | |")
+                             f"{why.replace('|', '/')} | | | | {at} |")
         lines.append("")
     return lines
 
@@ -87,7 +89,7 @@ def peers_table(r: dict, models=None) -> list[str]:
 def peers_headline(r: dict) -> list[str]:
     """The README's short form of peers.json: MobileNetV2, the rows that ran."""
     rows = [x for x in r["rows"] if x["model"] == "zoo:mobilenet_v2" and "metrics" in x
-            and "asymmetric" not in x["tool"]]  # (the ablation rows stay in docs/benchmarks.md)
+            and "asymmetric" not in x["tool"] and "without" not in x["tool"]]  # (ablations: docs/benchmarks.md)
     if not rows:
         return ["(no results yet)"]
     lines = [f"MobileNetV2, {rows[0]['n_calib']} calibration and {rows[0]['n_eval']} evaluation photos "

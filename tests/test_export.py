@@ -133,7 +133,12 @@ def test_onnx_runtime_matches_sub8_on_a_small_model(layer_bits, w_symmetric):
         assert storage["dw"] == {"weight": "uint4", "input": "uint8 (4-bit grid)"}
         assert storage["block.conv1"] == {"weight": "uint8 (3-bit grid)", "input": "uint8 (5-bit grid)"}
     elif w_symmetric:
-        assert storage["stem.0"]["weight"] == "uint8 (signed codes + 128)"  # first layer: 8 bits
+        assert storage["stem.0"]["weight"] == "int8"  # first layer: 8 bits
+        portable, storage = to_onnx(qm.module, (1, 3, 32, 32), weights="uint8")
+        assert storage["stem.0"]["weight"] == "uint8 (signed codes + 128)"
+        assert np.array_equal(_onnx_outputs(portable, x).argmax(1), ref.argmax(1))
+        with pytest.raises(sub8.Sub8Error, match="weights must be one of int8, uint8"):
+            to_onnx(qm.module, (1, 3, 32, 32), weights="int16")
 
 
 def test_onnx_export_refuses_an_unknown_op():

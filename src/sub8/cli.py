@@ -122,6 +122,10 @@ def quant_options(fn):
         click.option("--w-asymmetric", is_flag=True, help="weight grids with a zero point per channel at every "
                      "width [default: below 8 bits only]"),
         click.option("--a-symmetric", is_flag=True, help="symmetric activation grids (default asymmetric)"),
+        click.option("--requantize/--no-requantize", default=None,
+                     help="quantize the tensors between layers that would stay float (both inputs of each "
+                          "residual add, the final pool's input), so that ONNX Runtime runs the whole exported "
+                          "network on integers [default: when every layer is W8A8, unless the pipeline allocates bits]"),
         click.option("--samples", default=256, show_default=True, help="calibration samples to use"),
         click.option("--forward-batch", default=32, show_default=True, help="samples per forward pass"),
         click.option("--seed", default=0, show_default=True),
@@ -154,7 +158,8 @@ def build_config(o: dict) -> QuantConfig:
     return QuantConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], first_last_bits=o["first_last_bits"],
                        embedding_bits=o["embedding_bits"], quantize_attention=o["quantize_attention"],
                        layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
-                       w_symmetric=w_symmetric, a_symmetric=o["a_symmetric"], pipeline=o["pipeline"],
+                       w_symmetric=w_symmetric, a_symmetric=o["a_symmetric"], requantize=o["requantize"],
+                       pipeline=o["pipeline"],
                        steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
                        output_loss=o["output_loss"], device=o["device"], methods=methods, **extra)
 
@@ -286,12 +291,15 @@ def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opt
 @main.command("export")
 @click.argument("run_dir")
 @click.option("--onnx", "onnx_path", required=True, help="write the ONNX QDQ graph here (opset 21)")
+@click.option("--weights", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True,
+              help="8-bit weights' type: int8 runs on ONNX Runtime's fast uint8 x int8 kernels, which can "
+                   "saturate on x86 CPUs without VNNI (AVX2 only); uint8 is exact on every CPU, about half as fast")
 @clean_errors
-def export(run_dir, onnx_path):
+def export(run_dir, onnx_path, weights):
     """Export the quantized model of RUN_DIR (a `sub8 quantize` output folder)."""
     from .export.onnx_qdq import export_onnx
 
-    record = export_onnx(run_dir, onnx_path)
+    record = export_onnx(run_dir, onnx_path, weights)
     kinds = collections.Counter(f"W:{v['weight'] or 'float'} A:{v['input'] or 'float'}"
                                 for v in record["layers"].values())
     click.echo(f"wrote {record['path']} ({record['bytes'] / 2 ** 20:.2f} MiB, opset {record['opset']}, "

@@ -24,7 +24,7 @@ from .quant.ranges import METHODS as RANGE_METHODS
 from .registry import build_settings, settings_classes, settings_dict
 
 # report.json's `config` and the artifact header carry this; from_dict reads every older one.
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 
 @dataclass
@@ -48,6 +48,10 @@ class QuantConfig:
     # at 8 bits and asymmetric below (prepare.weight_symmetric says why).
     w_symmetric: bool | None = None
     a_symmetric: bool = False
+    # Quantize the tensors between layers that would stay float (both inputs of every residual
+    # add, the final pool's input; prepare/requantize.py), so that an integer runtime keeps the
+    # whole network in integers; None (auto): when every layer is W8A8, without bit allocation.
+    requantize: bool | None = None
     pipeline: str = "auto"
     steps: tuple[str, ...] | None = None  # an explicit step list overrides the pipeline's
     samples: int = 256
@@ -116,6 +120,8 @@ class QuantConfig:
         if not isinstance(version, int) or version > CONFIG_VERSION:
             raise Sub8Error(f"this config has version {version!r}, newer than this sub8 reads "
                             f"({CONFIG_VERSION}); upgrade sub8")
+        if version <= 2:  # written before junctions were requantized: they were float
+            data.setdefault("requantize", False)
         if version == 1:  # method settings were top-level fields
             data["methods"] = {k: data.pop(k) for k in ("adaquant", "allocation", "bias_tuning") if k in data}
         data["layer_bits"] = {k: tuple(v) for k, v in (data.get("layer_bits") or {}).items()}

@@ -20,6 +20,9 @@ from .zoo import load_model
 # AdaQuant's faster setting for a CPU (the paper's 1000 iterations per layer take a GPU).
 CPU_ADAQUANT = {"mode": "sequential", "iters": 100, "batch_size": 16, "lr_weight": 1e-2, "lr_input_quant": 1e-1}
 
+# Bias tuning iterations of the demo's light pipeline (the default 200 take about 5 minutes on 2 cores).
+DEMO_BIAS_ITERS = 30
+
 # (row label, what it shows, QuantConfig settings). Sequential AdaQuant runs once, at W4A8, to
 # keep the demo short (each AdaQuant row takes about 2 minutes on 2 cores).
 DEMO_ROWS = (
@@ -30,7 +33,8 @@ DEMO_ROWS = (
                                                              adaquant=CPU_ADAQUANT)),
     ("W4A4 rtn", "round to nearest", dict(w_bits=4, a_bits=4, pipeline="rtn")),
     ("mixed 0.20", "light pipeline: W8A8 or W4A4 per layer by integer programming, size <= 0.20",
-     dict(pipeline="light", allocation={"size_ratio": 0.20, "precisions": ((8, 8), (4, 4))})),
+     dict(pipeline="light", allocation={"size_ratio": 0.20, "precisions": ((8, 8), (4, 4))},
+          bias_tuning={"iters": DEMO_BIAS_ITERS})),
 )
 
 

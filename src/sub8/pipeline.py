@@ -20,7 +20,7 @@ from .config import QuantConfig
 from .errors import Sub8Error
 from .evaluate import predict
 from .executor import Executor, default_executor
-from .prepare import QuantizedModel
+from .prepare import QuantizedModel, lowest_bits
 from .quant.layers import module_state
 from .registry import METHODS, RunContext, get
 from .report import REPORT_VERSION, TOOL, StepLog, versions
@@ -44,14 +44,6 @@ AUTO_8_BITS = ("ranges", "bias_correction")
 AUTO_UNDER_8_BITS = ("ranges", "adaquant")
 
 
-def lowest_bits(config: QuantConfig) -> int | None:
-    """The fewest bits any weight or activation of a layer is asked to have (None: all float)."""
-    bits = [config.w_bits, config.a_bits, config.first_last_bits] + \
-        [b for pair in config.layer_bits.values() for b in pair]
-    bits = [b for b in bits if b is not None]
-    return min(bits) if bits else None
-
-
 def auto_steps(config: QuantConfig) -> tuple[str, ...]:
     """--pipeline auto: ranges and bias correction when every layer keeps 8 bits, ranges and
     AdaQuant (sequential at a uniform precision) when any has fewer."""
@@ -59,6 +51,14 @@ def auto_steps(config: QuantConfig) -> tuple[str, ...]:
     if low is None:
         return ("ranges",)
     return AUTO_8_BITS if low >= 8 else AUTO_UNDER_8_BITS
+
+
+def auto_requantize(config: QuantConfig, steps: tuple[str, ...]) -> bool:
+    """--requantize's default: on when every layer is W8A8 (prepare.junction_bits), except in a
+    run that allocates bits. A junction shares the input quantizer of a layer that reads the same
+    tensor, so a layer's candidate precision would also reach the skip connection, while the
+    integer program assumes that each layer's precision costs what it costs alone."""
+    return lowest_bits(config) == 8 and "allocate" not in steps
 
 
 def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
@@ -132,6 +132,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
         config = replace(config, output_loss=adapter.default_output_loss(model))
     if config.ranges == "auto":
         config = replace(config, ranges=adapter.default_ranges())
+    if config.requantize is None:
+        config = replace(config, requantize=auto_requantize(config, pipeline_steps(config)))
     recipe, steps = split_recipe(config, pipeline_steps(config))
     calib = as_tensor(calib)
     torch.manual_seed(config.seed)

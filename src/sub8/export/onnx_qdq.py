@@ -1,13 +1,17 @@
 """ONNX export: the quantized model as a QDQ graph that ONNX Runtime runs.
 
 Each quantized layer becomes QuantizeLinear -> DequantizeLinear on its input and a
-DequantizeLinear on its integer weight (per output channel), feeding a float Conv or MatMul.
-The graph is built from the prepared model's fx graph, op by op; an op without a translation
-is refused by name. Storage per grid:
+DequantizeLinear on its integer weight (per output channel), feeding a float Conv or Gemm; each
+requantized tensor (a residual add's or the final pool's input, prepare/requantize.py) is one
+QuantizeLinear -> DequantizeLinear that every consumer shares. ONNX Runtime fuses these into its
+integer kernels (QLinearConv, QLinearAdd, QGemm). The graph is built from the prepared model's fx
+graph, op by op; an op without a translation is refused by name. Storage per grid:
   - 8-bit activations: uint8/int8.
-  - 8-bit weights: uint8 always, signed codes shifted by 128 (zero point 128). ONNX Runtime's
-    x86 kernel for uint8 x int8 saturates 16-bit pair sums on CPUs without VNNI (AVX2), which
-    gives wrong outputs; uint8 x uint8 is exact everywhere.
+  - 8-bit weights, `weights="int8"` (the default, as ONNX Runtime's own quantizer stores them):
+    signed codes as int8, run by the fast uint8 x int8 kernels. On x86 CPUs without VNNI (AVX2
+    only) those kernels saturate 16-bit pair sums, which can give wrong outputs; `weights="uint8"`
+    stores signed codes shifted by 128 (zero point 128), exact everywhere and about half as fast
+    on a VNNI CPU (benchmarks/bench_onnx.py).
   - 4-bit weights: opset 21's int4/uint4.
   - any other grid, and 4-bit activations, in an 8-bit type; activations then get a Clip after
     DequantizeLinear that bounds them to the narrow grid (exact: clamping commutes with the
@@ -35,16 +39,18 @@ import warnings
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import Sub8Error
-from ..quant.layers import QuantLayer
+from ..quant.layers import QuantInput, QuantLayer
 from ..quant.quantizer import Quantizer
 from ..report import REPORT, write_bytes_atomic, write_json
 from .artifact import load
 
 OPSET = 21
-# ONNX element types (signed, unsigned) per bit-width, for weights and for activations.
-WEIGHT_TYPES = {8: ("UINT8", "UINT8"), 4: ("INT4", "UINT4")}
+# ONNX element types (signed, unsigned) per bit-width: weights per storage choice, activations.
+WEIGHT_STORAGE = {"int8": {8: ("INT8", "UINT8"), 4: ("INT4", "UINT4")},
+                  "uint8": {8: ("UINT8", "UINT8"), 4: ("INT4", "UINT4")}}
 INPUT_TYPES = {8: ("INT8", "UINT8")}
 
 
@@ -68,11 +74,15 @@ def integer_conv(layer: QuantLayer) -> bool:
 
 
 class _Builder:
-    def __init__(self):
+    def __init__(self, weights: str):
+        if weights not in WEIGHT_STORAGE:
+            raise Sub8Error(f"ONNX export: weights must be one of {', '.join(WEIGHT_STORAGE)}, not {weights!r}")
+        self.weight_types = WEIGHT_STORAGE[weights]
         self.onnx, self.TP, self.helper = _onnx()
         self.nodes, self.inits, self.names = [], [], {}
         self.count = 0
         self.storage: dict[str, dict] = {}
+        self.quantized: dict[tuple[str, int], str] = {}  # (tensor, id(quantizer)) -> its DQ output
 
     def fresh(self, hint: str) -> str:
         self.count += 1
@@ -115,6 +125,15 @@ class _Builder:
         return self.const(hint, values.astype(np.uint8 if kind.startswith("U") else np.int8), kind)
 
     def quantize_input(self, x: str, q: Quantizer, hint: str) -> str:
+        """x through q's QuantizeLinear -> DequantizeLinear, once per tensor and quantizer: a
+        residual add that shares a layer's input quantizer shares its QuantizeLinear, so that
+        the producer's output has one quantized form and ONNX Runtime fuses it into QLinearConv."""
+        key = (x, id(q))
+        if key not in self.quantized:
+            self.quantized[key] = self._quantize_input(x, q, hint)
+        return self.quantized[key]
+
+    def _quantize_input(self, x: str, q: Quantizer, hint: str) -> str:
         kind, offset = self.grid_type(q, INPUT_TYPES)
         step = q.step.detach().cpu().float().numpy().reshape(())
         zero = int(torch.round(q.zero_point.detach()).item())
@@ -133,7 +152,7 @@ class _Builder:
         if not q.enabled:
             array = w.numpy().T if transpose else w.numpy()
             return self.const(f"{hint}_weight", array)
-        kind, offset = self.grid_type(q, WEIGHT_TYPES)
+        kind, offset = self.grid_type(q, self.weight_types)
         with torch.no_grad():
             codes = q.codes(w).numpy()
         zero = torch.round(q.zero_point.detach()).cpu().numpy()
@@ -142,14 +161,20 @@ class _Builder:
         z = self.codes(f"{hint}_wzero", zero, kind, offset)
         return self.op("DequantizeLinear", [c, s, z], f"{hint}_wdq", axis=1 if transpose else 0)
 
-    def quant_layer(self, name: str, layer: QuantLayer, x: str) -> str:
+    def quant_layer(self, name: str, layer: QuantLayer, x: str, rank: int | None = None) -> str:
         hint = name
-        self.storage[name] = {"weight": self.describe(layer.weight_quantizer, WEIGHT_TYPES),
+        self.storage[name] = {"weight": self.describe(layer.weight_quantizer, self.weight_types),
                               "input": self.describe(layer.input_quantizer, INPUT_TYPES)}
         if layer.input_quantizer.enabled:
             x = self.quantize_input(x, layer.input_quantizer, f"{hint}_in")
         inner = layer.layer
         bias_array = inner.bias.detach().cpu().float().numpy()
+        if isinstance(inner, nn.Linear) and rank == 2:
+            # Gemm, then the bias: ONNX Runtime fuses DQ -> Gemm into its integer QGemm with a
+            # float output; a MatMul + Add would become a float Gemm that dequantizes its weight
+            # on every call (a float bias inside the Gemm blocks the fusion too).
+            y = self.op("Gemm", [x, self.weight(layer, hint, transpose=False)], f"{hint}_gemm", transB=1)
+            return self.op("Add", [y, self.const(f"{hint}_bias", bias_array)], f"{hint}_out")
         if isinstance(inner, nn.Linear):
             y = self.op("MatMul", [x, self.weight(layer, hint, transpose=True)], f"{hint}_matmul")
             return self.op("Add", [y, self.const(f"{hint}_bias", bias_array)], f"{hint}_out")
@@ -183,9 +208,13 @@ def _conv_attributes(name: str, conv: nn.Conv2d) -> dict:
             "dilations": list(conv.dilation), "group": conv.groups, "pads": [top, left, bottom, right]}
 
 
-def _module_op(b: _Builder, name: str, m: nn.Module, x: str) -> str:
+def _module_op(b: _Builder, name: str, m: nn.Module, x: str, rank: int | None) -> str:
     if isinstance(m, QuantLayer):
-        return b.quant_layer(name, m, x)
+        return b.quant_layer(name, m, x, rank)
+    if isinstance(m, QuantInput):  # a residual add's input of its own
+        return b.quantize_input(x, m.input_quantizer, name) if m.input_quantizer.enabled else x
+    if isinstance(m, Quantizer):  # a residual add's input that a layer reads too: its quantizer
+        return b.quantize_input(x, m, name) if m.enabled else x
     if isinstance(m, (nn.Dropout, nn.Identity)):
         return x
     if isinstance(m, nn.ReLU):
@@ -246,16 +275,18 @@ def _function_op(b: _Builder, node: fx.Node, env: dict) -> str:
                     f"ONNX translation in sub8")
 
 
-def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...]) -> tuple[object, dict]:
-    """The ONNX model (dynamic batch) and, per quantized layer, how its weight and input are stored."""
+def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...], weights: str = "int8") -> tuple[object, dict]:
+    """The ONNX model (dynamic batch) and, per quantized layer, how its weight and input are
+    stored; `weights`: the 8-bit weights' type (the module docstring says when to pick uint8)."""
     if not isinstance(module, fx.GraphModule):
         raise Sub8Error("ONNX export translates traced (torch.fx) models; this model was quantized "
                         "without a graph (a transformer), which the exporter does not handle yet")
-    b = _Builder()
+    b = _Builder(weights)
     env, inputs, outputs = {}, [], []
     device = next(module.parameters()).device
     with torch.no_grad():
         example = module(torch.zeros(input_shape, device=device))
+        ShapeProp(module).propagate(torch.zeros(input_shape, device=device))  # each node's rank
     examples = list(example) if isinstance(example, (tuple, list)) else [example]
     for node in module.graph.nodes:
         if node.op == "placeholder":
@@ -263,7 +294,9 @@ def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...]) -> tuple[objec
             shape = ["batch"] + list(input_shape[1:])
             inputs.append(b.helper.make_tensor_value_info(node.name, b.TP.FLOAT, shape))
         elif node.op == "call_module":
-            env[node.name] = _module_op(b, node.target, module.get_submodule(node.target), env[node.args[0].name])
+            meta = node.args[0].meta.get("tensor_meta")
+            rank = len(meta.shape) if hasattr(meta, "shape") else None
+            env[node.name] = _module_op(b, node.target, module.get_submodule(node.target), env[node.args[0].name], rank)
         elif node.op == "call_method" and node.target == "size":
             env[node.name] = None  # only consumed by view/reshape, which read the node itself
         elif node.op in ("call_function", "call_method"):
@@ -284,19 +317,19 @@ def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...]) -> tuple[objec
     return model, b.storage
 
 
-def export_onnx(run_dir: str, onnx_path: str) -> dict:
+def export_onnx(run_dir: str, onnx_path: str, weights: str = "int8") -> dict:
     """Write the ONNX QDQ graph of the artifact in run_dir to onnx_path (atomically) and record
     how each layer is stored in run_dir/report.json's "export" entry."""
     qmodel = load(run_dir)
     header = qmodel.report["artifact"]
-    model, storage = to_onnx(qmodel.module, tuple(header["input_shape"]))
+    model, storage = to_onnx(qmodel.module, tuple(header["input_shape"]), weights)
     write_bytes_atomic(onnx_path, model.SerializeToString())
     layers = qmodel.prepared.quant_layers().values()
     asymmetric = sum(1 for layer in layers if _w8a8_conv(layer) and not layer.weight_quantizer.symmetric)
     if asymmetric:
         warnings.warn(f"{asymmetric} W8A8 convolutions have per-channel weight zero points: ONNX Runtime runs them "
                       f"as float convolutions (quantize with --w-symmetric for its integer kernels)")
-    record = {"path": os.path.abspath(onnx_path), "opset": OPSET, "bytes": os.path.getsize(onnx_path),
+    record = {"path": os.path.abspath(onnx_path), "opset": OPSET, "bytes": os.path.getsize(onnx_path), "weights": weights,
               "layers": storage, "integer_kernel_layers": sum(map(integer_conv, layers))}
     report_path = os.path.join(run_dir, REPORT)
     if os.path.exists(report_path):

@@ -15,6 +15,7 @@ from ..quant.embedding import QuantEmbedding, quant_embeddings
 from ..quant.layers import QuantLayer, quant_layers, quant_operands
 from .fold import fold_batchnorm
 from .graph import LayerInfo, analyze, capture, count_macs
+from .requantize import QuantTensor, junctions, requantize
 
 
 @dataclass
@@ -28,6 +29,7 @@ class PreparedModel:
     # leave it alone, so later steps still see the exact (BN-folded) float model.
     reference: nn.Module
     attention_modules: int = 0  # attention modules whose matrix-product operands are quantized
+    junctions: int = 0  # residual-add and pool inputs quantized (prepare/requantize.py)
 
     def quant_layers(self) -> dict[str, QuantLayer]:
         return quant_layers(self.module)
@@ -39,10 +41,14 @@ class PreparedModel:
         """What is quantized besides the layers: embedding tables and attention operands."""
         tables = {name: {"bits": m.w_bits, "shape": list(m.layer.weight.shape)}
                   for name, m in quant_embeddings(self.module).items()}
-        bits = {m.input_quantizer.bits for m in quant_operands(self.module).values()}
+        operands = quant_operands(self.module).values()
+        bits = {m.input_quantizer.bits for m in operands if not isinstance(m, QuantTensor)}
+        junction = [m for m in operands if isinstance(m, QuantTensor)]
         return {"embeddings": tables,
                 "attention": {"modules": self.attention_modules, "bits": bits.pop() if len(bits) == 1 else None,
-                              "operands": ["query", "key", "probs", "value"] if self.attention_modules else []}}
+                              "operands": ["query", "key", "probs", "value"] if self.attention_modules else []},
+                "junctions": {"requantized": self.junctions, "own_quantizers": len(junction),
+                              "bits": junction[0].input_quantizer.bits if junction else None}}
 
     def sync_bits(self) -> None:
         """Copy each layer's bits from its quantizers (after a state was loaded) to the table."""
@@ -67,6 +73,14 @@ def assign_bits(layers: list[LayerInfo], config) -> None:
                         f"layers are named like {layers[0].name!r}")
 
 
+def lowest_bits(config) -> int | None:
+    """The fewest bits any weight or activation of a layer is asked to have (None: all float)."""
+    bits = [config.w_bits, config.a_bits, config.first_last_bits] + \
+        [b for pair in config.layer_bits.values() for b in pair]
+    bits = [b for b in bits if b is not None]
+    return min(bits) if bits else None
+
+
 def module_layers(module: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
     """The layer table of a model that is not traced (e.g. a transformer): every Linear, in
     registration order, with no graph facts (producers, the activation after it); the
@@ -82,7 +96,11 @@ def prepare_traced(model: nn.Module, example: torch.Tensor, config) -> PreparedM
     MACs) are wrapped in quantizers."""
     gm = capture(copy.deepcopy(model).cpu())
     folded = fold_batchnorm(gm)
-    return wrap_layers(gm, analyze(gm, example.cpu(), folded), _param_count(model), config)
+    layers = analyze(gm, example.cpu(), folded)
+    bits = junction_bits(config)
+    sites = junctions(gm, example.cpu()) if bits is not None else []
+    return wrap_layers(gm, layers, _param_count(model), config,
+                       rewrite=lambda m: requantize(m, sites, bits, config.a_symmetric))
 
 
 def prepare_untraced(model: nn.Module, example: torch.Tensor, config, operands=None) -> PreparedModel:
@@ -111,9 +129,22 @@ def weight_symmetric(config, bits: int | None) -> bool:
     return bits is not None and bits >= 8
 
 
+def junction_bits(config) -> int | None:
+    """The bits of the junction tensors (residual adds' and the final pool's inputs,
+    prepare/requantize.py), or None to leave them float: config.requantize, or when it is None
+    (auto; a run resolves it in pipeline.auto_requantize) on when every layer is W8A8, where the
+    export runs on integer kernels; with fewer bits anywhere it does not, and they only cost."""
+    if config.requantize is False or config.a_bits is None:
+        return None
+    if config.requantize is None and lowest_bits(config) != 8:
+        return None
+    return config.a_bits
+
+
 def wrap_layers(module: nn.Module, layers: list[LayerInfo], float_params: int, config,
-                attention_modules: int = 0) -> PreparedModel:
-    """Wrap the table's layers (and embedding tables) in quantizers at their assigned bits."""
+                attention_modules: int = 0, rewrite=None) -> PreparedModel:
+    """Wrap the table's layers (and embedding tables) in quantizers at their assigned bits;
+    `rewrite(module)`, if given, then changes the graph around the wrapped layers."""
     if not layers:
         raise Sub8Error("the model has no Conv2d or Linear layer to quantize")
     assign_bits(layers, config)
@@ -125,11 +156,12 @@ def wrap_layers(module: nn.Module, layers: list[LayerInfo], float_params: int, c
         for name in [n for n, m in module.named_modules() if isinstance(m, nn.Embedding)]:
             module.set_submodule(name, QuantEmbedding(module.get_submodule(name), config.embedding_bits,
                                                       symmetric=weight_symmetric(config, config.embedding_bits)))
+    junctions = rewrite(module) if rewrite is not None else 0
     if isinstance(module, fx.GraphModule):
         module.recompile()
     module = module.to(config.device).eval()
     return PreparedModel(module=module, layers=layers, float_params=float_params, reference=copy.deepcopy(module),
-                         attention_modules=attention_modules)
+                         attention_modules=attention_modules, junctions=junctions)
 
 
 @dataclass
