@@ -48,8 +48,8 @@ def sub8_recipes(w: int, a: int) -> dict[str, dict]:
     """The recipes sub8 runs at one width: its default, and what it is measured against."""
     if (w, a) == (8, 8):
         return {
-            "sub8 default (symmetric, auto ranges, bias correction, requantized junctions)": {},
-            "sub8 default without requantized junctions (--no-requantize)": {"requantize": False},
+            "sub8 default": {},
+            "sub8 default, --no-requantize": {"requantize": False},
             "sub8 rtn, symmetric, auto ranges": {"pipeline": "rtn"},
             "sub8 rtn, the old default (asymmetric, mse ranges)": {"pipeline": "rtn", "w_symmetric": False,
                                                                     "ranges": "mse"},
@@ -175,6 +175,12 @@ def run_tool(kind, option, model, calib, w, a, args):
     return run_brevitas(model, calib, w, a, option, iters=args.brevitas_iters)
 
 
+def bits_order(bits: str) -> tuple[int, int]:
+    """W8A8 before W4A8 before W4A4."""
+    w, a = (int(v) for v in bits[1:].split("A"))
+    return (-w, -a)
+
+
 def kept_rows(name: str, measured: set) -> list[dict]:
     """The earlier result file's rows of (model, bits) pairs not in `measured`, each with the
     commit that measured it."""
@@ -242,6 +248,8 @@ def main(argv=None) -> int:
                           flush=True)
     if args.update:
         rows = kept_rows(args.name, {(r["model"], r["bits"]) for r in rows}) + rows
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        rows.sort(key=lambda r: (models.index(r["model"]), bits_order(r["bits"])))  # stable: tools keep their order
     path = write_result(args.name, {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
     return 0

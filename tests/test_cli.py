@@ -168,7 +168,7 @@ def test_calibration_folders(tmp_path, image_dirs):
     ("--a-bits", "1", "bits must be in 2..8"),
     ("--first-last-bits", "x", "bits must be an integer"),
     ("--layer-bits", "fc", "PATTERN=W[,A]"),
-    ("--pipeline", "magic", "'magic' is not one of 'auto', 'rtn'"),
+    ("--pipeline", "magic", "--pipeline magic: choose one of auto, rtn"),
     ("--steps", "ranges,magic", "unknown step"),
     ("--holdout", "1.5", "holdout must be in (0, 1)"),
 ])

@@ -11,14 +11,29 @@ import tempfile
 import torch
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str, mode: int) -> None:
+    """Give a temporary file (0600) or folder (0700) the mode a plain open()/mkdir() would: the
+    user's umask decides who may read the output, as for any other tool."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str):
+def atomic_dir(path: str, keep=lambda name: False):
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
-    On failure it is removed and `path` is left as it was."""
+    On failure it is removed and `path` is left as it was. The entries of an existing `path`
+    for which `keep(name)` is true (files another tool wrote there) move into the new folder,
+    unless it has an entry of that name."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-", dir=parent)
+    _as_created(tmp, 0o777)
     try:
         yield tmp
     except BaseException:
@@ -26,6 +41,9 @@ def atomic_dir(path: str):
         raise
     old = None
     if os.path.exists(path):
+        for name in os.listdir(path):
+            if keep(name) and not os.path.lexists(os.path.join(tmp, name)):
+                os.rename(os.path.join(path, name), os.path.join(tmp, name))
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
         os.rename(path, os.path.join(old, "run"))
     os.rename(tmp, path)
@@ -39,6 +57,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        _as_created(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import warnings
 
 import torch
@@ -79,3 +80,29 @@ class DiskCache:
         buffer = io.BytesIO()
         torch.save(value, buffer)
         write_bytes_atomic(self._path(kind, key), buffer.getvalue())
+
+
+ENTRY = re.compile(r"^([a-z_]+)-([0-9a-f]{24})\.pt$")
+
+
+def cache_entries(folder: str) -> list[dict]:
+    """The entries sub8 wrote in `folder` (kind, path, bytes, mtime), oldest first; files of
+    other names are not sub8's and are never listed or removed."""
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in os.listdir(folder):
+        m = ENTRY.match(name)
+        path = os.path.join(folder, name)
+        if m and os.path.isfile(path):
+            st = os.stat(path)
+            out.append({"kind": m.group(1), "path": path, "bytes": st.st_size, "mtime": st.st_mtime})
+    return sorted(out, key=lambda e: e["mtime"])
+
+
+def clear_cache(folder: str, kind: str | None = None) -> list[dict]:
+    """Remove sub8's entries (of one kind, or all) from `folder`; returns what was removed."""
+    removed = [e for e in cache_entries(folder) if kind is None or e["kind"] == kind]
+    for e in removed:
+        os.unlink(e["path"])
+    return removed

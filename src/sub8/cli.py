@@ -10,19 +10,22 @@ import sys
 import warnings
 
 import click
-import torch
 
-from .config import QuantConfig, parse_layer_bits
+# Only light modules at the top: `sub8 --help` and a bad argument answer before torch loads.
+from . import progress
+from .choices import OUTPUT_LOSSES, PIPELINE_NAMES, RANGE_METHODS, parse_bits
 from .errors import Sub8Error
-from .pipeline import PIPELINES
-from .evaluate import OUTPUT_LOSSES
-from .quant.ranges import METHODS
-from .registry import cli_fields, settings_classes
+from .registry import cli_fields
 from .table import fmt_bits, metrics_line, table_header
 
 
+# The cache folder of the run in progress (set once its config is built), for the interrupt message.
+_RUN = {"cache_dir": None, "started": False}
+
+
 def clean_errors(fn):
-    """Bad input is one line on stderr and exit status 2, never a traceback."""
+    """Bad input is one line on stderr and exit status 2, never a traceback; Ctrl-C says what
+    was kept and exits 130, as a shell expects of an interrupted command."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
@@ -30,32 +33,132 @@ def clean_errors(fn):
         except Sub8Error as exc:
             click.echo(f"sub8: error: {exc}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            if not _RUN["started"]:
+                click.echo("sub8: interrupted", err=True)
+            elif _RUN["cache_dir"]:
+                click.echo(f"sub8: interrupted; every step this run finished is checkpointed in "
+                           f"{_RUN['cache_dir']}: the same command resumes after it (--fresh starts over; "
+                           f"sub8 cache list shows what is kept)", err=True)
+            else:
+                click.echo("sub8: interrupted; nothing was kept (the run had no cache)", err=True)
+            sys.exit(130)
     return wrapper
+
+
+def keep_foreign(entries: list[str], out_dir: str) -> None:
+    if entries:
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        click.echo(f"sub8: {out_dir} is not a sub8 run: writing sub8's files into it and keeping its "
+                   f"{len(entries)} other entries ({shown})", err=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"sub8: warning: {message}", err=True)
 
 
-@click.group()
+# Flags whose values are checked before the command is parsed: parsing builds every method's
+# options from the registry, which imports torch (seconds on a busy machine).
+EARLY_CHECKS = {"--w-bits": parse_bits, "--a-bits": parse_bits, "--first-last-bits": parse_bits,
+                "--embedding-bits": parse_bits}
+EARLY_CHOICES = {"--pipeline": PIPELINE_NAMES, "--ranges": RANGE_METHODS}
+
+
+def early_check(args: list[str]) -> None:
+    """Raise Sub8Error for a bad bit-width, pipeline or range method among `args`."""
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag not in EARLY_CHECKS and flag not in EARLY_CHOICES:
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                continue  # (click reports the missing value)
+            value = args[i + 1]
+        if flag in EARLY_CHECKS:
+            try:
+                EARLY_CHECKS[flag](value)
+            except Sub8Error as exc:
+                raise Sub8Error(f"{flag} {value}: {exc}") from None
+        elif value not in EARLY_CHOICES[flag]:
+            raise Sub8Error(f"{flag} {value}: choose one of {', '.join(EARLY_CHOICES[flag])}")
+
+
+class Sub8Group(click.Group):
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if "--help" not in rest:
+            try:
+                early_check(rest)
+            except Sub8Error as exc:
+                click.echo(f"sub8: error: {exc}", err=True)
+                sys.exit(2)
+        return name, cmd, rest
+
+
+@click.group(cls=Sub8Group)
 @click.version_option(package_name="sub8")
 def main():
     """sub8: post-training quantization of PyTorch models to 2..8 bits."""
     warnings.showwarning = _show_warning
 
 
+# --help's sections, by option name; each method's own options follow under its name.
+HELP_SECTIONS = {
+    "Model and data": ("model_spec", "weights", "calib", "eval_dir", "labels", "samples", "text_column",
+                       "label_column", "max_length", "probe_train"),
+    "Precision": ("w_bits", "a_bits", "first_last_bits", "layer_bits", "embedding_bits", "quantize_attention",
+                  "w_symmetric", "w_asymmetric", "a_symmetric", "requantize"),
+    "Recipe": ("pipeline", "steps", "ranges", "percentile", "output_loss"),
+    "Output": ("out_dir", "force", "size_ratios"),
+    "Run": ("seed", "device", "forward_batch", "cache_dir", "no_cache", "fresh"),
+}
+METHOD_TITLES = {"adaquant": "AdaQuant", "gptq": "GPTQ"}
+
+
 class QuantCommand(click.Command):
     """A command whose options include every registered method's settings, read from the
-    registry when the command runs (a method registered at run time gets its options too)."""
+    registry when the command runs (a method registered at run time gets its options too).
+    Its --help groups the options by stage and lists the steps and pipelines."""
 
     def get_params(self, ctx):
         return [*super().get_params(ctx), *(option for option, _ in method_options().values())]
+
+    def format_options(self, ctx, formatter):
+        owner = {option.name: targets[0][0] for option, targets in method_options().values()}
+        section_of = {name: title for title, names in HELP_SECTIONS.items() for name in names}
+        groups = collections.defaultdict(list)
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                key = owner.get(param.name)
+                title = (f"{METHOD_TITLES.get(key, key.replace('_', ' ').capitalize())} (method settings)" if key
+                         else "Run" if param is self.get_help_option(ctx) else section_of.get(param.name, "Other"))
+                groups[title].append(record)
+        order = [t for t in HELP_SECTIONS if t != "Run"] + sorted(t for t in groups if t not in HELP_SECTIONS)
+        for title in order + ["Run"]:
+            if groups.get(title):
+                with formatter.section(title):
+                    formatter.write_dl(groups[title])
+
+    def format_epilog(self, ctx, formatter):
+        from .pipeline import PIPELINES
+        from .registry import METHODS
+        with formatter.section("Steps (--steps, comma-separated; ranges first)"):
+            formatter.write_dl([(name, _first_line(m.run.__doc__)) for name, m in METHODS.items()])
+        with formatter.section("Pipelines (--pipeline)"):
+            formatter.write_dl([(name, ", ".join(steps) if steps else "by precision (see --pipeline)")
+                                for name, steps in PIPELINES.items()])
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n\n")[0].replace("\n", " ")
 
 
 def method_options() -> dict[str, tuple[click.Option, list]]:
     """{flag: (its click option, [(settings key, field, parse)])}: one option per flag; a flag
     that several methods declare (--holdout) sets each of them."""
     out: dict[str, tuple[click.Option, list]] = {}
+    from .config import settings_classes  # (registers the built-in methods: imports torch)
     for key, cls in settings_classes().items():
         for f, meta in cli_fields(cls):
             flag = meta.get("flag") or f"--{key}-{f.name}".replace("_", "-")
@@ -107,12 +210,12 @@ def quant_options(fn):
                      help="quantize attention's matrix-product operands (queries, keys, softmax "
                           "probabilities, values) at --a-bits in transformers models"),
         click.option("--layer-bits", multiple=True, help="PATTERN=W[,A] per-layer bits by name pattern (repeatable)"),
-        click.option("--pipeline", type=click.Choice(list(PIPELINES)), default="auto", show_default=True,
+        click.option("--pipeline", type=click.Choice(list(PIPELINE_NAMES)), default="auto", show_default=True,
                      help="auto: ranges then bias correction when every layer has 8 bits, ranges then "
                           "sequential AdaQuant when any has fewer; rtn: ranges only (round to nearest); "
                           "adaquant: ranges then AdaQuant; light, advanced: the paper's bit-allocation recipes"),
         click.option("--steps", default=None, help="explicit step list, e.g. ranges,bias_correction or ranges,gptq"),
-        click.option("--ranges", type=click.Choice(METHODS), default="auto", show_default=True,
+        click.option("--ranges", type=click.Choice(RANGE_METHODS), default="auto", show_default=True,
                      help="range of every grid: auto (image models: percentile at 8 bits, mse below; text "
                           "models: mse, which keeps their outlier features), minmax, percentile (--percentile), "
                           "mse (the clipping that minimizes the rounding error)"),
@@ -128,8 +231,9 @@ def quant_options(fn):
                           "network on integers [default: when every layer is W8A8, unless the pipeline allocates bits]"),
         click.option("--samples", default=256, show_default=True, help="calibration samples to use"),
         click.option("--forward-batch", default=32, show_default=True, help="samples per forward pass"),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--device", default="cpu", show_default=True),
+        click.option("--seed", default=0, show_default=True, help="seed of every random choice (sample order, "
+                     "mini-batches): the same seed, data and settings give the same model"),
+        click.option("--device", default="cpu", show_default=True, help="cpu, or cuda / cuda:N to run the steps on a GPU"),
         click.option("--output-loss", type=click.Choice(OUTPUT_LOSSES), default=None,
                      help="float vs quantized outputs, no labels (sensitivities, bias tuning): kl for "
                           "classifiers (the default), mse for feature extractors (the default for "
@@ -145,7 +249,10 @@ def quant_options(fn):
     return fn
 
 
-def build_config(o: dict) -> QuantConfig:
+def build_config(o: dict):
+    import torch
+
+    from .config import QuantConfig, parse_layer_bits
     if o["device"].startswith("cuda") and not torch.cuda.is_available():
         raise Sub8Error(f"--device {o['device']}: no CUDA device is available")
     if o["w_symmetric"] and o["w_asymmetric"]:
@@ -155,13 +262,15 @@ def build_config(o: dict) -> QuantConfig:
     extra = {} if o["cache_dir"] is None else {"cache_dir": o["cache_dir"]}
     if o["no_cache"]:
         extra["cache_dir"] = None
-    return QuantConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], first_last_bits=o["first_last_bits"],
+    config = QuantConfig(w_bits=o["w_bits"], a_bits=o["a_bits"], first_last_bits=o["first_last_bits"],
                        embedding_bits=o["embedding_bits"], quantize_attention=o["quantize_attention"],
                        layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
                        w_symmetric=w_symmetric, a_symmetric=o["a_symmetric"], requantize=o["requantize"],
                        pipeline=o["pipeline"],
                        steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
                        output_loss=o["output_loss"], device=o["device"], methods=methods, **extra)
+    _RUN.update(cache_dir=config.cache_dir, started=True)
+    return config
 
 
 def data_options(text_column: str, label_column: str | None, max_length: int) -> dict:
@@ -180,7 +289,8 @@ def data_options(text_column: str, label_column: str | None, max_length: int) ->
               help="sentence encoders: a labelled text file (--label-column) to fit a logistic-regression "
                    "head on float embeddings; --eval's accuracy is then measured through that frozen head")
 @click.option("--out", "out_dir", required=True, help="output folder")
-@click.option("--force", is_flag=True, help="replace an output folder that is not a sub8 run")
+@click.option("--force", is_flag=True, help="write into a folder that is not a sub8 run: sub8 replaces only its "
+              "own files (report.json, model.safetensors, pareto.*) and keeps the others")
 @clean_errors
 def quantize(eval_dir, labels, text_column, label_column, max_length, probe_train, out_dir, force, **opts):
     """Quantize a model and write OUT/report.json and OUT/model.safetensors."""
@@ -188,14 +298,16 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
     from .export import save
     from .export.artifact import artifact_size
     from .pipeline import quantize as run_quantize
-    from .report import REPORT, atomic_dir, check_output_dir, write_json
+    from .report import REPORT, atomic_dir, check_output_dir, is_run_file, write_json
     from .zoo import load_model
 
-    check_output_dir(out_dir, force)
+    keep_foreign(check_output_dir(out_dir, force), out_dir)
     config = build_config(opts)
+    progress.say(f"loading the model {opts['model_spec']}")
     loaded = load_model(opts["model_spec"], opts["weights"])
     adapter = adapter_for(loaded.module)
     reading = data_options(text_column, None, max_length)
+    progress.say(f"reading up to {config.samples} calibration samples from {opts['calib']}")
     calib_set = adapter.load_samples(opts["calib"], loaded, "calibration", limit=config.samples, seed=config.seed,
                                      **reading)
     probe = probe_record = None
@@ -204,6 +316,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
                                                 **data_options(text_column, label_column, max_length))
     eval_set = None
     if eval_dir is not None:
+        progress.say(f"reading the evaluation samples from {eval_dir}")
         eval_set = adapter.load_samples(eval_dir, loaded, "evaluation", seed=config.seed, labels=labels,
                                         classes=None if probe is None else probe.classes,
                                         **data_options(text_column, label_column, max_length))
@@ -219,7 +332,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
     if eval_set is not None:
         report["evaluation"] = {"folder": os.path.abspath(eval_dir), "n_images": len(eval_set.tensor),
                                 "skipped": len(eval_set.skipped), "labels": eval_set.label_source}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, keep=lambda name: not is_run_file(name)) as tmp:
         path = save(qmodel, tmp, opts["model_spec"], (1,) + tuple(calib.shape[1:]), adapter.describe_input(loaded))
         report["artifact"] = artifact_size(path, report["size"])
         write_json(os.path.join(tmp, REPORT), report)
@@ -233,17 +346,19 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
 @click.option("--max-length", default=128, show_default=True, help="text models: tokens per text (longer ones are cut)")
 @click.option("--size-ratios", required=True, help="weight-memory budgets, e.g. 0.10,0.125,0.15,0.2,0.25")
 @click.option("--out", "out_dir", required=True, help="output folder: pareto.json, pareto.md, pareto.svg")
-@click.option("--force", is_flag=True, help="replace an output folder that is not a sub8 run")
+@click.option("--force", is_flag=True, help="write into a folder that is not a sub8 run: sub8 replaces only its "
+              "own files (report.json, model.safetensors, pareto.*) and keeps the others")
 @clean_errors
 def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opts):
     """Allocate, build and evaluate one model per size budget, beside the uniform precisions."""
     from .adapters import adapter_for
     from .pareto import header, pareto as run_pareto
     from .plot import scatter_svg
-    from .report import REPORT, TOOL, atomic_dir, check_output_dir, versions, write_bytes_atomic, write_json
+    from .report import (REPORT, TOOL, atomic_dir, check_output_dir, is_run_file, versions, write_bytes_atomic,
+                         write_json)
     from .zoo import load_model
 
-    check_output_dir(out_dir, force)
+    keep_foreign(check_output_dir(out_dir, force), out_dir)
     try:
         ratios = [float(r) for r in size_ratios.split(",") if r.strip()]
     except ValueError:
@@ -280,7 +395,7 @@ def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opt
             m = r["metrics"]
             cells = [f"{m[k]:.3f}" if m.get(k) is not None else "n/a" for k in (metric, "top1_agreement", "kl")]
             lines.append(f"| {label} | {r['size_ratio']:.4f} | {r['bops_ratio']:.4f} | {' | '.join(cells)} |")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, keep=lambda name: not is_run_file(name)) as tmp:
         write_json(os.path.join(tmp, "pareto.json"), result)
         write_bytes_atomic(os.path.join(tmp, "pareto.md"), ("\n".join(lines) + "\n").encode())
         write_bytes_atomic(os.path.join(tmp, "pareto.svg"), svg.encode())
@@ -357,9 +472,52 @@ def print_summary(report: dict, out_dir: str) -> None:
     click.echo(f"  wrote {os.path.join(out_dir, 'report.json')} and {os.path.join(out_dir, 'model.safetensors')}")
 
 
+@main.group()
+def cache():
+    """See or clear what runs keep in the cache folder (allocation candidates, sensitivities,
+    checkpoints of interrupted runs)."""
+
+
+_cache_dir_option = click.option("--cache-dir", default=None, help="the cache folder [default: $SUB8_CACHE_DIR or "
+                                 "~/.cache/sub8]")
+
+
+@cache.command("list")
+@_cache_dir_option
+@clean_errors
+def cache_list(cache_dir):
+    """What the cache holds, by kind: entries, size, newest."""
+    import time
+
+    from .cache import cache_entries, default_cache_dir
+    folder = cache_dir or default_cache_dir()
+    entries = cache_entries(folder)
+    click.echo(f"{folder}: {len(entries)} entries, {sum(e['bytes'] for e in entries) / 2 ** 20:.1f} MiB")
+    kinds = collections.defaultdict(list)
+    for e in entries:
+        kinds[e["kind"]].append(e)
+    for kind, items in sorted(kinds.items()):
+        age = (time.time() - max(e["mtime"] for e in items)) / 3600
+        click.echo(f"  {kind:12s} {len(items):5d} entries {sum(e['bytes'] for e in items) / 2 ** 20:9.1f} MiB"
+                   f"   newest {age:.1f} h ago")
+
+
+@cache.command("clear")
+@_cache_dir_option
+@click.option("--kind", default=None, help="only this kind (e.g. checkpoint); default: every kind")
+@clean_errors
+def cache_clear(cache_dir, kind):
+    """Remove sub8's cache entries (files of other names in the folder are left alone)."""
+    from .cache import clear_cache, default_cache_dir
+    folder = cache_dir or default_cache_dir()
+    removed = clear_cache(folder, kind)
+    click.echo(f"removed {len(removed)} entries ({sum(e['bytes'] for e in removed) / 2 ** 20:.1f} MiB) "
+               f"from {folder}")
+
+
 @main.command()
 @click.option("--model", "model_spec", default="zoo:mobilenet_v2", show_default=True)
-@click.option("--ranges", type=click.Choice(METHODS), default="auto", show_default=True)
+@click.option("--ranges", type=click.Choice(RANGE_METHODS), default="auto", show_default=True)
 @click.option("--photos", default=None, help="where to write the demo crops (default: a cache folder)")
 @click.option("--out", "out_path", default=None, help="also write the table as JSON here")
 @click.option("--seed", default=0, show_default=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+from . import progress
 from .adapters import ImageAdapter, adapter_for
 from .config import QuantConfig
 from .data import load_images
@@ -69,7 +70,8 @@ def run_demo(model_spec: str, ranges: str, photos: str | None, out_path: str | N
     for label, _, settings in DEMO_ROWS:
         start = time.perf_counter()
         config = QuantConfig(ranges=ranges, seed=seed, cache_dir=None, **settings)
-        q = quantize(loaded.module, calib.images, config, eval_images=evals.images, float_logits=float_logits)
+        with progress.without_stage_lines():  # (the table's rows say what runs)
+            q = quantize(loaded.module, calib.images, config, eval_images=evals.images, float_logits=float_logits)
         m = q.report["metrics"]["quantized"]
         seconds = time.perf_counter() - start
         echo("  " + metrics_line(label, m, q.report["size"]["ratio"]) + f"  {seconds:7.1f}")

@@ -5,18 +5,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import progress
+from .choices import OUTPUT_LOSSES
 from .errors import Sub8Error
 
-OUTPUT_LOSSES = ("kl", "mse")  # label-free losses of quantized vs float outputs
 
 CONFIDENT = 0.5  # float top probability at or above this marks a "confident" image
 
 
 @torch.no_grad()
-def predict(module, images: torch.Tensor, batch_size: int = 32, device: str = "cpu") -> torch.Tensor:
-    """The model's outputs for all images, on the CPU in float32."""
-    outs = [module(images[i:i + batch_size].to(device)).float().cpu()
-            for i in range(0, len(images), batch_size)]
+def predict(module, images: torch.Tensor, batch_size: int = 32, device: str = "cpu",
+            desc: str | None = None) -> torch.Tensor:
+    """The model's outputs for all images, on the CPU in float32 (`desc`: with a progress bar)."""
+    shown = progress.bar(len(images), desc, "sample") if desc else None
+    outs = []
+    for i in range(0, len(images), batch_size):
+        outs.append(module(images[i:i + batch_size].to(device)).float().cpu())
+        if shown is not None:
+            shown.update(len(outs[-1]))
+    if shown is not None:
+        shown.close()
     return torch.cat(outs)
 
 

@@ -17,6 +17,8 @@ from torch import nn
 from .adapters import adapter_for
 from .cache import DiskCache, tensor_digest
 from .config import QuantConfig
+from . import progress
+from .choices import PIPELINE_NAMES
 from .errors import Sub8Error
 from .evaluate import predict
 from .executor import Executor, default_executor
@@ -35,6 +37,8 @@ from .size import size_report
 PIPELINES = {"auto": None, "rtn": ("ranges",), "adaquant": ("ranges", "adaquant"),
              "light": ("ranges", "allocate", "bn_tuning", "bias_tuning"),
              "advanced": ("ranges", "adaquant", "allocate", "adaquant_sequential", "bn_tuning", "bias_tuning")}
+
+assert tuple(PIPELINES) == PIPELINE_NAMES  # (the CLI checks names before importing this module)
 
 # What `--pipeline auto` runs (benchmarks/bench_peers.py compares it): at 8 bits, rounding each
 # layer's weights shifts its output channels' means and the shifts add up through the network;
@@ -110,7 +114,7 @@ def as_tensor(data) -> torch.Tensor:
 
 def fidelity(prepared, adapter, model, config, eval_images, float_logits, eval_labels, probe) -> dict:
     """The quantized model's metrics against the float model's outputs (the adapter's compare)."""
-    quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device)
+    quant_logits = predict(prepared.module, eval_images, config.forward_batch, config.device, desc="evaluate")
     return adapter.compare(model, float_logits, quant_logits, eval_labels, probe)
 
 
@@ -148,20 +152,24 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
         with log.step("evaluate", config.device):  # the float model's outputs, once
             if float_logits is None:
                 float_logits = predict(model.to(config.device).eval(), eval_images,
-                                       config.forward_batch, config.device)
+                                       config.forward_batch, config.device, desc="evaluate the float model")
         evaluate = partial(fidelity, prepared, adapter, model, config, eval_images, float_logits, eval_labels, probe)
     records, metrics = {}, None
     eval_key = None if eval_images is None else tensor_digest([eval_images])
     for k, name in enumerate(steps):
         run.done = steps[:k]
         saved = checkpoints.load("step", steps[:k + 1], eval_key)
+        stage = f"step {k + 1}/{len(steps)} {name}"
         if saved is not None:  # finished by an interrupted run of the same command
             prepared.module.load_state_dict(saved["state"])
             prepared.sync_bits()
             records, entry = saved["records"], saved["entry"]
             log.steps.append({**entry, "resumed": True})
             metrics = entry.get("metrics")
+            progress.say(f"{stage}: resumed, finished by an earlier run of this command (checkpoint in "
+                         f"{config.cache_dir}; --fresh starts over)")
             continue
+        progress.say(stage)
         with log.step(name, config.device) as entry:
             record = get(name).run(run)
         if record is not None:

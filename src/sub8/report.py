@@ -82,10 +82,29 @@ def is_sub8_run(path: str) -> bool:
         return False
 
 
-def check_output_dir(path: str, force: bool) -> None:
-    """Refuse a folder that holds anything but an earlier sub8 run, unless forced."""
+# What a sub8 run writes into its output folder; --force replaces these and nothing else.
+RUN_FILES = (REPORT, "model.safetensors", "pareto.json", "pareto.md", "pareto.svg")
+
+
+def foreign_entries(path: str) -> list[str]:
+    """The entries of an output folder that no sub8 run writes."""
+    return sorted(n for n in os.listdir(path) if n not in RUN_FILES) if os.path.isdir(path) else []
+
+
+def is_run_file(name: str) -> bool:
+    return name in RUN_FILES
+
+
+def check_output_dir(path: str, force: bool) -> list[str]:
+    """Refuse a folder that holds anything but an earlier sub8 run, unless forced; returns the
+    entries that a forced run keeps (it replaces only a run's own files)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise Sub8Error(f"output path {path!r} exists and is not a folder")
-    if os.path.isdir(path) and os.listdir(path) and not is_sub8_run(path) and not force:
-        raise Sub8Error(f"output folder {path!r} holds files that are not a sub8 run; "
-                        f"choose another folder or pass --force to replace it")
+    if not os.path.isdir(path) or not os.listdir(path) or is_sub8_run(path):
+        return []
+    foreign = foreign_entries(path)
+    if not force:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise Sub8Error(f"output folder {path!r} is not a sub8 run ({len(foreign)} other entries: {shown}); "
+                        f"choose another folder, or pass --force to write sub8's files into it (the others are kept)")
+    return foreign

@@ -7,6 +7,8 @@ import importlib
 import os
 import pickle
 import re
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass
 from typing import Callable
@@ -62,14 +64,31 @@ def load_state_dict(path: str) -> dict:
     return obj
 
 
+def _few(names, n: int = 3) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
 def load_weights_into(module: nn.Module, path: str) -> None:
+    """Load a state dict into `module`. Keys saved from nn.DataParallel or DistributedDataParallel
+    ("module." before every name) are recognised and stripped, with a warning that says so."""
     state = load_state_dict(path)
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0]
-        raise Sub8Error(f"weights in {path!r} do not fit the model: {detail[:300]}") from None
+    expected = module.state_dict()
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in expected):
+        state = {k[len("module."):]: v for k, v in state.items()}
+        warnings.warn(f"{path}: every key starts with 'module.' (saved from nn.DataParallel): stripped it")
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        raise Sub8Error(f"weights in {path!r} do not fit the model: {len(missing)} missing keys"
+                        f"{' (' + _few(missing) + ')' if missing else ''}, {len(unexpected)} unexpected"
+                        f"{' (' + _few(unexpected) + ')' if unexpected else ''}")
+    wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise Sub8Error(f"weights in {path!r} do not fit the model: {len(wrong)} tensors have another shape, "
+                        f"e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model")
+    module.load_state_dict(state)
 
 
 def _mobilenet_v2(weights: str | None, architecture_only: bool = False) -> LoadedModel:
@@ -138,9 +157,16 @@ def _python(target: str, weights: str | None) -> LoadedModel:
     module_name, sep, attr = target.rpartition(":")
     if not sep or not module_name or not attr:
         raise Sub8Error(f"python model spec must be python:package.module:callable, got python:{target}")
+    # Like `python -m`, look in the current folder first: a user's models.py beside them.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except ImportError as exc:
+        if getattr(exc, "name", None) == module_name.split(".")[0]:
+            raise Sub8Error(f"cannot import {module_name!r}: no {module_name.split('.')[0]!r} in the current folder "
+                            f"({os.getcwd()}) or on the Python path; run sub8 from the folder that holds it, "
+                            f"or add that folder to PYTHONPATH") from None
         raise Sub8Error(f"cannot import {module_name!r}: {exc}") from None
     except AttributeError:
         raise Sub8Error(f"module {module_name!r} has no attribute {attr!r}") from None

@@ -47,7 +47,7 @@ def correct_bias(prepared: PreparedModel, calib: torch.Tensor, batch_size: int =
     largest shift removed."""
     layers = prepared.quant_layers()
     shifts = {name: OutputShift(layer) for name, layer in layers.items() if layer.weight_quantizer.enabled}
-    run_observed(prepared.reference, shifts, calib, batch_size)
+    run_observed(prepared.reference, shifts, calib, batch_size, desc="bias correction")
     removed = {}
     for name, shift in shifts.items():
         layer = layers[name].layer

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .. import progress
 from ..errors import Sub8Error
 from ..evaluate import output_loss, predict
 from ..prepare import PreparedModel
@@ -95,6 +96,7 @@ def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningCon
     opt = MultiTensorAdam(trained, rates)
     g = torch.Generator().manual_seed(seed)
     batch = min(cfg.batch_size, len(train))
+    shown = progress.bar(cfg.iters, "bias tuning", "it")
     try:
         for it in range(cfg.iters):
             idx = train[torch.randint(len(train), (batch,), generator=g)]
@@ -105,7 +107,9 @@ def tune_biases(prepared: PreparedModel, calib: torch.Tensor, cfg: BiasTuningCon
             with torch.no_grad():
                 for q in ranged.values():
                     q.step.clamp_(min=1e-12)  # a step must stay positive
+            shown.update(1)
     finally:
+        shown.close()
         for b in trained:
             b.requires_grad_(False)
             b.grad = None

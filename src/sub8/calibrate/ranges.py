@@ -65,7 +65,7 @@ def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str =
     observers = {name: ActivationObserver(name, max(1, SAMPLE_CAP // n_batches), generator)
                  for name, site in sites.items() if site.input_quantizer.enabled}
     if observers:
-        run_observed(prepared.module, observers, calib, batch_size)
+        run_observed(prepared.module, observers, calib, batch_size, desc="activation ranges")
 
     seen = {}
     for name, obs in observers.items():

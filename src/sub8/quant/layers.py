@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import progress
 from .quantizer import Quantizer
 from .token_mask import real_tokens
 
@@ -138,13 +139,15 @@ class StopForward(Exception):
 
 @torch.no_grad()
 def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_size: int,
-                 float_model: bool = True) -> None:
+                 float_model: bool = True, desc: str | None = None) -> None:
     """Run the model over `data` with `observers[name](site, x)` on the named layers (or
-    QuantInput sites): the float model by default, else the model as quantized so far."""
+    QuantInput sites): the float model by default, else the model as quantized so far. With
+    `desc`, a progress bar counts the samples."""
     layers = quant_inputs(module)
     device = next(module.parameters()).device
     for name, obs in observers.items():
         layers[name].observer = obs
+    shown = progress.bar(len(data), desc, "sample") if desc else None
     try:
         with float_mode(module) if float_model else contextlib.nullcontext():
             for i in range(0, len(data), batch_size):
@@ -152,9 +155,13 @@ def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_s
                     module(data[i:i + batch_size].to(device))
                 except StopForward:
                     pass
+                if shown is not None:
+                    shown.update(len(data[i:i + batch_size]))
     finally:
         for name in observers:
             layers[name].observer = None
+        if shown is not None:
+            shown.close()
 
 
 def module_state(module: nn.Module) -> dict:

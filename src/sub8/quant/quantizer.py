@@ -16,31 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import Sub8Error
-
-FLOAT_BITS = (16, 32)
-
-
-def parse_bits(value) -> int | None:
-    """Bits 2..8 as an int; "float", 16 or 32 mean "leave in float" (None)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("float", "fp", "fp32", "none"):
-            return None
-        try:
-            value = int(text)
-        except ValueError:
-            raise Sub8Error(f"bits must be an integer 2..8 or 'float', got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Sub8Error(f"bits must be an integer 2..8 or 'float', got {value!r}")
-    if value in FLOAT_BITS:
-        return None
-    if not 2 <= value <= 8:
-        raise Sub8Error(f"bits must be in 2..8 (or 16/32/'float' for no quantization), got {value}")
-    return value
-
+from ..choices import FLOAT_BITS, parse_bits  # noqa: F401  (re-exported)
 
 def grid(bits: int, signed: bool) -> tuple[int, int]:
     """(qmin, qmax) of a `bits`-bit integer grid."""

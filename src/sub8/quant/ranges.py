@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..choices import RANGE_METHODS as METHODS
 from .quantizer import affine_params, grid
-
-METHODS = ("auto", "minmax", "percentile", "mse")
 
 
 def minmax(rows: torch.Tensor):
