@@ -14,11 +14,11 @@ from functools import partial
 import torch
 from torch import nn
 
+from . import progress
 from .adapters import adapter_for
 from .cache import DiskCache, tensor_digest
-from .config import QuantConfig
-from . import progress
 from .choices import PIPELINE_NAMES
+from .config import QuantConfig
 from .errors import Sub8Error
 from .evaluate import predict
 from .executor import Executor, default_executor
