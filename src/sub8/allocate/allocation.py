@@ -21,6 +21,7 @@ import torch
 
 from ..cache import DiskCache, fingerprint, tensor_digest
 from ..calibrate.ranges import calibrate_ranges
+from .. import progress
 from ..errors import Sub8Error
 from ..executor import InProcessExecutor
 from ..evaluate import predict
@@ -183,7 +184,7 @@ def sensitivities(prepared: PreparedModel, layers: list[str], states: dict, base
              for p in todo]
     results = executor.map(measure_precision, items)
     fresh = dict(zip(todo, tqdm(results, total=len(items), desc="sensitivity", unit="precision",
-                                disable=not show_progress, leave=False)))
+                                disable=not (show_progress and progress.enabled()), leave=False)))
     for p, got in fresh.items():
         cache.put("sensitivity", fingerprint(common, base, p, kind), got)
         losses[p] = got

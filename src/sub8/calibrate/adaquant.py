@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .. import progress
 from ..errors import Sub8Error
 from ..executor import InProcessExecutor
 from ..prepare import PreparedModel
@@ -468,7 +469,7 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
 
     records, peak_cache, optimize_seconds = {}, 0, 0.0
     bar = tqdm(total=len(names) * cfg.iters, desc=f"adaquant ({cfg.mode})", unit="it",
-               disable=not show_progress, leave=False)
+               disable=not (show_progress and progress.enabled()), leave=False)
     resumed, todo = 0, []
     for index, group in enumerate(groups):
         saved = None if checkpoints is None else checkpoints.load("group", index, group)

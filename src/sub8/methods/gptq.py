@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .. import progress
 from ..errors import Sub8Error
 from ..quant.layers import QuantLayer, run_observed
 from ..registry import register, setting
@@ -158,6 +159,18 @@ def _per_layer(config) -> None:
                         "inputs depend on the other layers' bits")
 
 
+class _Counted(dict):
+    """Per-layer records that move a progress bar as layers finish."""
+
+    def __init__(self, bar):
+        super().__init__()
+        self.bar = bar
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.bar.update(1)
+
+
 class _SequentialGPTQ(fx.Interpreter):
     """Runs the graph once over all calibration samples, node by node: each quantized layer is
     GPTQ'd on the inputs the model quantized so far gives it, then run (in batches) with its
@@ -190,7 +203,8 @@ def gptq_step(ctx) -> dict:
     if uncalibrated:
         raise Sub8Error("GPTQ needs calibrated grids: put 'ranges' before 'gptq'")
     calib = ctx.calib.to(c.device)
-    records: dict[str, dict] = {}
+    shown = progress.bar(len(layers), "gptq", "layer")
+    records: dict[str, dict] = _Counted(shown)
     with torch.no_grad():
         if cfg.mode == "parallel":  # every layer's H from the float model, in one pass
             accs = {n: HessianAccumulator(layers[n]) for n in layers}
@@ -210,5 +224,6 @@ def gptq_step(ctx) -> dict:
                     records[name] = {"name": name, **gptq_layer(site, acc.hessian(), cfg)}
 
             run_observed(prepared.module, {n: observe for n in layers}, calib, len(calib), float_model=False)
+    shown.close()
     order = [i.name for i in prepared.layers if i.name in records]
     return {"settings": asdict(cfg), "seconds": time.perf_counter() - start, "layers": [records[n] for n in order]}
