@@ -88,7 +88,11 @@ def load_weights_into(module: nn.Module, path: str) -> None:
         k = wrong[0]
         raise Sub8Error(f"weights in {path!r} do not fit the model: {len(wrong)} tensors have another shape, "
                         f"e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} in the model")
-    module.load_state_dict(state)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:  # anything the checks above do not name
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Sub8Error(f"weights in {path!r} do not fit the model: {first[:300]}") from None
 
 
 def _mobilenet_v2(weights: str | None, architecture_only: bool = False) -> LoadedModel:
