@@ -20,7 +20,11 @@ Peers, at their documented defaults:
     4-bit path, `nncf.compress_weights`, takes Linear/MatMul weights, not convolutions);
   - Brevitas, its ImageNet PTQ example's functions (layerwise backend: first and last layer at
     8 bits; per-channel weights): GPTQ, and learned rounding (AdaRound's hard sigmoid), at 4 bits.
-A peer that fails is a row with its exact error. Writes benchmarks/results/peers.json.
+A peer that fails is a row with its exact error. Each row also counts the convolutions and
+linear layers the tool really quantized where it can tell (sub8's layers; weights that pass
+through a PT2E graph's dequantize_per_channel): a quantizer without a pattern for a model's
+blocks leaves them float and looks nearly lossless. Writes benchmarks/results/--name.json;
+--update keeps the file's rows of tools this run does not measure.
 """
 
 from __future__ import annotations
@@ -165,6 +169,23 @@ def tools(w, a, args) -> dict:
     return out
 
 
+def coverage(qmodel) -> dict | None:
+    """How many convolutions and linear layers a tool actually quantized: sub8's layers with a
+    weight grid, or in a PT2E graph the weights that pass through dequantize_per_channel
+    (torchao's X86 quantizer leaves layers it has no pattern for in float). None: not counted."""
+    from sub8.quant.layers import quant_layers
+    layers = quant_layers(qmodel)
+    if layers:
+        return {"quantized": sum(m.weight_quantizer.enabled for m in layers.values()), "layers": len(layers)}
+    try:
+        targets = [str(n.target) for n in qmodel.graph.nodes if n.op == "call_function"]
+    except Exception:  # (not an fx graph: NNCF's and Brevitas' models)
+        return None
+    total = sum(("conv" in t or "linear" in t) and "quantize" not in t for t in targets)
+    weights = sum("dequantize_per_channel" in t for t in targets)
+    return {"quantized": weights, "layers": total} if total else None
+
+
 def run_tool(kind, option, model, calib, w, a, args):
     if kind == "sub8":
         return run_sub8(model, calib, w, a, option, args.seed)
@@ -182,14 +203,15 @@ def bits_order(bits: str) -> tuple[int, int]:
 
 
 def kept_rows(name: str, measured: set) -> list[dict]:
-    """The earlier result file's rows of (model, bits) pairs not in `measured`, each with the
-    commit that measured it."""
+    """The earlier result file's rows whose (model, bits, tool) is not in `measured`, each with
+    the commit that measured it."""
     path = os.path.join(RESULTS, f"{name}.json")
     if not os.path.exists(path):
         return []
     with open(path) as fh:
         old = json.load(fh)
-    return [{"commit": old.get("commit"), **r} for r in old["rows"] if (r["model"], r["bits"]) not in measured]
+    return [{"commit": old.get("commit"), **r} for r in old["rows"]
+            if (r["model"], r["bits"], r["tool"]) not in measured]
 
 
 def fmt(v, spec=".3f"):
@@ -232,6 +254,7 @@ def main(argv=None) -> int:
                     qmodel = run_tool(kind, option, loaded.module, calib, w, a, args)
                     row["seconds"] = time.perf_counter() - start
                     row["metrics"] = compare(float_logits, predict(qmodel, evals))
+                    row["coverage"] = coverage(qmodel)
                 except NotOffered as e:
                     row["not_offered"] = str(e)
                 except Exception as e:  # a peer that fails is a result, with its exact error
@@ -247,7 +270,7 @@ def main(argv=None) -> int:
                     print(f"{spec:20s} {bits:5s} {name:58s} {row.get('not_offered') or row['error'][:200]}",
                           flush=True)
     if args.update:
-        rows = kept_rows(args.name, {(r["model"], r["bits"]) for r in rows}) + rows
+        rows = kept_rows(args.name, {(r["model"], r["bits"], r["tool"]) for r in rows}) + rows
         models = list(dict.fromkeys(r["model"] for r in rows))
         rows.sort(key=lambda r: (models.index(r["model"]), bits_order(r["bits"])))  # stable: tools keep their order
     path = write_result(args.name, {"args": vars(args), "rows": rows})

@@ -70,18 +70,20 @@ def peers_table(r: dict, models=None) -> list[str]:
         n = rows[0]
         lines += [f"{model}: {n['n_calib']} calibration and {n['n_eval']} evaluation photos; agreement with the "
                   f"float model; seconds of the whole quantization:", "",
-                  "| bits | tool | confident top-1 agreement | top-1 agreement | KL | seconds | commit |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| bits | tool | confident top-1 agreement | top-1 agreement | KL | seconds | layers quantized | commit |",
+                  "|---|---|---|---|---|---|---|---|"]
         for x in rows:
             at = x.get("commit", r.get("commit"))  # (a run with --update keeps earlier rows)
             if "metrics" in x:
                 m = x["metrics"]
+                c = x.get("coverage")
+                covered = f"{c['quantized']}/{c['layers']}" if c else "not counted"
                 lines.append(f"| {x['bits']} | {x['tool']} | {fmt(m['top1_agreement_confident'])} | "
-                             f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {x['seconds']:.0f} | {at} |")
+                             f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {x['seconds']:.0f} | {covered} | {at} |")
             else:
                 why = x.get("not_offered") or x["error"].splitlines()[0][:160]
                 lines.append(f"| {x['bits']} | {x['tool']} | {'not offered' if 'not_offered' in x else 'failed'}: "
-                             f"{why.replace('|', '/')} | | | | {at} |")
+                             f"{why.replace('|', '/')} | | | | | {at} |")
         lines.append("")
     return lines
 
