@@ -143,3 +143,14 @@ def test_onnx_runtime_runs_the_default_w8a8_export_on_integers(tmp_path):
     qm = sub8.quantize(model, calib, sub8.QuantConfig(cache_dir=None, requantize=False))
     ops = _optimized_ops(to_onnx(qm.module, (1, 3, 32, 32))[0], tmp_path)
     assert ops["QLinearConv"] < 5 and ops["QLinearAdd"] == 0
+
+
+def test_the_artifact_rebuilds_the_junction_quantizers_bit_for_bit(tmp_path):
+    qm = _tiny_quantized(pipeline="auto")
+    assert _own_quantizers(qm.module)
+    sub8.save(qm, str(tmp_path), "python:tinymodels:tiny", (1, 3, 32, 32))
+    loaded = sub8.load(str(tmp_path))
+    assert set(_own_quantizers(loaded.module)) == set(_own_quantizers(qm.module))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), qm(x))
