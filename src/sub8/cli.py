@@ -28,6 +28,7 @@ def clean_errors(fn):
     was kept and exits 130, as a shell expects of an interrupted command."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _RUN.update(cache_dir=None, started=False)  # (a process may run several commands: tests)
         try:
             return fn(*args, **kwargs)
         except Sub8Error as exc:
