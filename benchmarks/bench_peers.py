@@ -202,6 +202,11 @@ def bits_order(bits: str) -> tuple[int, int]:
     return (-w, -a)
 
 
+def tool_order(tool: str) -> int:
+    """sub8's rows first, then each peer's (a stable sort keeps each tool's own order)."""
+    return next((i for i, p in enumerate(("sub8", "torchao", "NNCF", "Brevitas")) if tool.startswith(p)), 4)
+
+
 def kept_rows(name: str, measured: set) -> list[dict]:
     """The earlier result file's rows whose (model, bits, tool) is not in `measured`, each with
     the commit that measured it."""
@@ -272,7 +277,7 @@ def main(argv=None) -> int:
     if args.update:
         rows = kept_rows(args.name, {(r["model"], r["bits"], r["tool"]) for r in rows}) + rows
         models = list(dict.fromkeys(r["model"] for r in rows))
-        rows.sort(key=lambda r: (models.index(r["model"]), bits_order(r["bits"])))  # stable: tools keep their order
+        rows.sort(key=lambda r: (models.index(r["model"]), bits_order(r["bits"]), tool_order(r["tool"])))
     path = write_result(args.name, {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
     return 0
