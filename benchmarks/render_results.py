@@ -20,6 +20,11 @@ def fmt(v, digits=3):
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def agreement(m: dict) -> str:
+    """The cells every agreement table has: confident top-1 | top-1 | KL."""
+    return f"{fmt(m['top1_agreement_confident'])} | {fmt(m['top1_agreement'])} | {fmt(m['kl'])}"
+
+
 def gptq_tables(r: dict) -> list[str]:
     lines = []
     images = [x for x in r["rows"] if x["model"] == "zoo:mobilenet_v2"]
@@ -31,8 +36,7 @@ def gptq_tables(r: dict) -> list[str]:
                   "|---|---|---|---|---|---|"]
         for x in images:
             m = x["metrics"]
-            lines.append(f"| {x['bits']} | {x['method']} | {fmt(m['top1_agreement_confident'])} | "
-                         f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {fmt(x['step_minutes'], 2)} |")
+            lines.append(f"| {x['bits']} | {x['method']} | {agreement(m)} | {fmt(x['step_minutes'], 2)} |")
         lines.append("")
     texts = [x for x in r["rows"] if x["model"] == "zoo:minilm"]
     if texts:
@@ -78,8 +82,7 @@ def peers_table(r: dict, models=None) -> list[str]:
                 m = x["metrics"]
                 c = x.get("coverage")
                 covered = f"{c['quantized']}/{c['layers']}" if c else "not counted"
-                lines.append(f"| {x['bits']} | {x['tool']} | {fmt(m['top1_agreement_confident'])} | "
-                             f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {x['seconds']:.0f} | {covered} | {at} |")
+                lines.append(f"| {x['bits']} | {x['tool']} | {agreement(m)} | {x['seconds']:.0f} | {covered} | {at} |")
             else:
                 why = x.get("not_offered") or x["error"].splitlines()[0][:160]
                 lines.append(f"| {x['bits']} | {x['tool']} | {'not offered' if 'not_offered' in x else 'failed'}: "
@@ -100,8 +103,7 @@ def peers_headline(r: dict) -> list[str]:
              "| bits | tool | confident top-1 | top-1 | KL |", "|---|---|---|---|---|"]
     for x in rows:
         m = x["metrics"]
-        lines.append(f"| {x['bits']} | {x['tool']} | {fmt(m['top1_agreement_confident'])} | "
-                     f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} |")
+        lines.append(f"| {x['bits']} | {x['tool']} | {agreement(m)} |")
     return lines + [""]
 
 
@@ -123,8 +125,7 @@ def adaquant_quality_table(r: dict) -> list[str]:
     for x in r["rows"]:
         m = x["metrics"]
         minutes = None if x.get("adaquant_seconds") is None else x["adaquant_seconds"] / 60
-        lines.append(f"| {x['bits']} | {x['method']} | {fmt(m['top1_agreement_confident'])} | "
-                     f"{fmt(m['top1_agreement'])} | {fmt(m['kl'])} | {fmt(minutes, 2)} |")
+        lines.append(f"| {x['bits']} | {x['method']} | {agreement(m)} | {fmt(minutes, 2)} |")
     return lines + [""]
 
 

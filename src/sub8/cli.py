@@ -14,7 +14,7 @@ import click
 # Only light modules at the top: `sub8 --help` and a bad argument answer before torch loads.
 from . import progress
 from .choices import OUTPUT_LOSSES, PIPELINE_NAMES, RANGE_METHODS, parse_bits
-from .errors import Sub8Error
+from .errors import Sub8Error, few
 from .registry import cli_fields
 from .table import fmt_bits, metrics_line, table_header
 
@@ -49,9 +49,8 @@ def clean_errors(fn):
 
 def keep_foreign(entries: list[str], out_dir: str) -> None:
     if entries:
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         click.echo(f"sub8: {out_dir} is not a sub8 run: writing sub8's files into it and keeping its "
-                   f"{len(entries)} other entries ({shown})", err=True)
+                   f"{len(entries)} other entries ({few(entries, 5)})", err=True)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -60,8 +59,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 # Flags whose values are checked before the command is parsed: parsing builds every method's
 # options from the registry, which imports torch (seconds on a busy machine).
-EARLY_CHECKS = {"--w-bits": parse_bits, "--a-bits": parse_bits, "--first-last-bits": parse_bits,
-                "--embedding-bits": parse_bits}
+BITS_FLAGS = ("--w-bits", "--a-bits", "--first-last-bits", "--embedding-bits")
 EARLY_CHOICES = {"--pipeline": PIPELINE_NAMES, "--ranges": RANGE_METHODS}
 
 
@@ -69,15 +67,15 @@ def early_check(args: list[str]) -> None:
     """Raise Sub8Error for a bad bit-width, pipeline or range method among `args`."""
     for i, arg in enumerate(args):
         flag, eq, value = arg.partition("=")
-        if flag not in EARLY_CHECKS and flag not in EARLY_CHOICES:
+        if flag not in BITS_FLAGS and flag not in EARLY_CHOICES:
             continue
         if not eq:
             if i + 1 >= len(args):
                 continue  # (click reports the missing value)
             value = args[i + 1]
-        if flag in EARLY_CHECKS:
+        if flag in BITS_FLAGS:
             try:
-                EARLY_CHECKS[flag](value)
+                parse_bits(value)
             except Sub8Error as exc:
                 raise Sub8Error(f"{flag} {value}: {exc}") from None
         elif value not in EARLY_CHOICES[flag]:

@@ -17,14 +17,11 @@ CONFIDENT = 0.5  # float top probability at or above this marks a "confident" im
 def predict(module, images: torch.Tensor, batch_size: int = 32, device: str = "cpu",
             desc: str | None = None) -> torch.Tensor:
     """The model's outputs for all images, on the CPU in float32 (`desc`: with a progress bar)."""
-    shown = progress.bar(len(images), desc, "sample") if desc else None
     outs = []
-    for i in range(0, len(images), batch_size):
-        outs.append(module(images[i:i + batch_size].to(device)).float().cpu())
-        if shown is not None:
+    with progress.bar(len(images), desc, "sample") as shown:
+        for i in range(0, len(images), batch_size):
+            outs.append(module(images[i:i + batch_size].to(device)).float().cpu())
             shown.update(len(outs[-1]))
-    if shown is not None:
-        shown.close()
     return torch.cat(outs)
 
 

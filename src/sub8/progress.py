@@ -30,8 +30,9 @@ def without_stage_lines():
         _lines.pop()
 
 
-def bar(total: int, desc: str, unit: str = "batch"):
-    """A progress bar (tqdm) on stderr that disappears when done; update(n) as work finishes."""
+def bar(total: int, desc: str | None, unit: str = "batch"):
+    """A progress bar (tqdm) on stderr that disappears when done; update(n) as work finishes.
+    `desc=None` (a caller asked for no bar) gives a silent one with the same interface."""
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, leave=False, mininterval=0.5, file=sys.stderr,
-                disable=not enabled())
+                disable=desc is None or not enabled())

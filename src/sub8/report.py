@@ -11,7 +11,7 @@ import time
 import torch
 
 from .atomic import atomic_dir, write_bytes_atomic, write_json  # noqa: F401  (re-exported)
-from .errors import Sub8Error
+from .errors import Sub8Error, few
 
 TOOL = "sub8"
 REPORT = "report.json"
@@ -88,7 +88,7 @@ RUN_FILES = (REPORT, "model.safetensors", "pareto.json", "pareto.md", "pareto.sv
 
 def foreign_entries(path: str) -> list[str]:
     """The entries of an output folder that no sub8 run writes."""
-    return sorted(n for n in os.listdir(path) if n not in RUN_FILES) if os.path.isdir(path) else []
+    return sorted(n for n in os.listdir(path) if not is_run_file(n))
 
 
 def is_run_file(name: str) -> bool:
@@ -104,7 +104,7 @@ def check_output_dir(path: str, force: bool) -> list[str]:
         return []
     foreign = foreign_entries(path)
     if not force:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise Sub8Error(f"output folder {path!r} is not a sub8 run ({len(foreign)} other entries: {shown}); "
-                        f"choose another folder, or pass --force to write sub8's files into it (the others are kept)")
+        raise Sub8Error(f"output folder {path!r} is not a sub8 run ({len(foreign)} other entries: "
+                        f"{few(foreign, 5)}); choose another folder, or pass --force to write sub8's files "
+                        f"into it (the others are kept)")
     return foreign

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from .errors import Sub8Error
+from .errors import Sub8Error, few
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -64,11 +64,6 @@ def load_state_dict(path: str) -> dict:
     return obj
 
 
-def _few(names, n: int = 3) -> str:
-    names = sorted(names)
-    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
-
-
 def load_weights_into(module: nn.Module, path: str) -> None:
     """Load a state dict into `module`. Keys saved from nn.DataParallel or DistributedDataParallel
     ("module." before every name) are recognised and stripped, with a warning that says so."""
@@ -81,8 +76,8 @@ def load_weights_into(module: nn.Module, path: str) -> None:
     unexpected = set(state) - set(expected)
     if missing or unexpected:
         raise Sub8Error(f"weights in {path!r} do not fit the model: {len(missing)} missing keys"
-                        f"{' (' + _few(missing) + ')' if missing else ''}, {len(unexpected)} unexpected"
-                        f"{' (' + _few(unexpected) + ')' if unexpected else ''}")
+                        f"{' (' + few(missing) + ')' if missing else ''}, {len(unexpected)} unexpected"
+                        f"{' (' + few(unexpected) + ')' if unexpected else ''}")
     wrong = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
     if wrong:
         k = wrong[0]

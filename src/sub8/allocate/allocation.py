@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import progress
 from ..cache import DiskCache, fingerprint, tensor_digest
 from ..calibrate.ranges import calibrate_ranges
-from .. import progress
 from ..errors import Sub8Error
 from ..executor import InProcessExecutor
 from ..evaluate import predict
@@ -161,8 +161,6 @@ def sensitivities(prepared: PreparedModel, layers: list[str], states: dict, base
                   reference: torch.Tensor, config, common: str, cache: DiskCache,
                   show_progress: bool, executor) -> tuple[float, dict]:
     """(the base model's loss, {precision: {layer: loss}}), from the cache where it has them."""
-    from tqdm import tqdm
-
     kind, batch = config.output_loss, config.forward_batch
     cached = cache.get("sensitivity", fingerprint(common, base, kind))
     if cached is None:
@@ -183,11 +181,11 @@ def sensitivities(prepared: PreparedModel, layers: list[str], states: dict, base
     items = [SensitivityWork(prepared.module, layers, states[base], todo[p], sample, reference, kind, batch)
              for p in todo]
     results = executor.map(measure_precision, items)
-    fresh = dict(zip(todo, tqdm(results, total=len(items), desc="sensitivity", unit="precision",
-                                disable=not (show_progress and progress.enabled()), leave=False)))
-    for p, got in fresh.items():
-        cache.put("sensitivity", fingerprint(common, base, p, kind), got)
-        losses[p] = got
+    with progress.bar(len(items), "sensitivity" if show_progress else None, "precision") as shown:
+        for p, got in zip(todo, results):
+            cache.put("sensitivity", fingerprint(common, base, p, kind), got)
+            losses[p] = got
+            shown.update(1)
     return base_loss, losses
 
 

@@ -437,8 +437,6 @@ def fit_group(work: GroupWork) -> dict:
 
 
 def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss, executor) -> dict:
-    from tqdm import tqdm
-
     layers = prepared.quant_layers()
     # Optimized layers change their float weights: inputs and targets come from the reference.
     float_module = prepared.reference
@@ -468,8 +466,7 @@ def _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoi
                          forward_batch, seed, dtype, output_loss, **caches)
 
     records, peak_cache, optimize_seconds = {}, 0, 0.0
-    bar = tqdm(total=len(names) * cfg.iters, desc=f"adaquant ({cfg.mode})", unit="it",
-               disable=not (show_progress and progress.enabled()), leave=False)
+    bar = progress.bar(len(names) * cfg.iters, f"adaquant ({cfg.mode})" if show_progress else None, "it")
     resumed, todo = 0, []
     for index, group in enumerate(groups):
         saved = None if checkpoints is None else checkpoints.load("group", index, group)

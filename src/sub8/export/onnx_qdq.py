@@ -211,9 +211,9 @@ def _conv_attributes(name: str, conv: nn.Conv2d) -> dict:
 def _module_op(b: _Builder, name: str, m: nn.Module, x: str, rank: int | None) -> str:
     if isinstance(m, QuantLayer):
         return b.quant_layer(name, m, x, rank)
-    if isinstance(m, QuantInput):  # a residual add's input of its own
-        return b.quantize_input(x, m.input_quantizer, name) if m.input_quantizer.enabled else x
-    if isinstance(m, Quantizer):  # a residual add's input that a layer reads too: its quantizer
+    if isinstance(m, QuantInput):  # a junction's quantizer of its own (prepare/requantize.py)
+        m = m.input_quantizer
+    if isinstance(m, Quantizer):  # (or a layer's input quantizer that a junction shares)
         return b.quantize_input(x, m, name) if m.enabled else x
     if isinstance(m, (nn.Dropout, nn.Identity)):
         return x
@@ -285,8 +285,8 @@ def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...], weights: str =
     env, inputs, outputs = {}, [], []
     device = next(module.parameters()).device
     with torch.no_grad():
-        example = module(torch.zeros(input_shape, device=device))
-        ShapeProp(module).propagate(torch.zeros(input_shape, device=device))  # each node's rank
+        # (the output, and each node's shape for its rank)
+        example = ShapeProp(module).propagate(torch.zeros(input_shape, device=device))
     examples = list(example) if isinstance(example, (tuple, list)) else [example]
     for node in module.graph.nodes:
         if node.op == "placeholder":

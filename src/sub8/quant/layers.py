@@ -147,7 +147,7 @@ def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_s
     device = next(module.parameters()).device
     for name, obs in observers.items():
         layers[name].observer = obs
-    shown = progress.bar(len(data), desc, "sample") if desc else None
+    shown = progress.bar(len(data), desc, "sample")
     try:
         with float_mode(module) if float_model else contextlib.nullcontext():
             for i in range(0, len(data), batch_size):
@@ -155,13 +155,11 @@ def run_observed(module: nn.Module, observers: dict, data: torch.Tensor, batch_s
                     module(data[i:i + batch_size].to(device))
                 except StopForward:
                     pass
-                if shown is not None:
-                    shown.update(len(data[i:i + batch_size]))
+                shown.update(len(data[i:i + batch_size]))
     finally:
         for name in observers:
             layers[name].observer = None
-        if shown is not None:
-            shown.close()
+        shown.close()
 
 
 def module_state(module: nn.Module) -> dict:

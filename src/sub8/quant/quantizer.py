@@ -18,6 +18,7 @@ from torch import nn
 
 from ..choices import FLOAT_BITS, parse_bits  # noqa: F401  (re-exported)
 
+
 def grid(bits: int, signed: bool) -> tuple[int, int]:
     """(qmin, qmax) of a `bits`-bit integer grid."""
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
