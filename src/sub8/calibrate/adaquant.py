@@ -42,6 +42,8 @@ from .split import holdout_split
 ADAQUANT_MODES = ("auto", "parallel", "sequential")
 ADAQUANT_LOSSES = ("mse", "fisher")
 LR_SCHEDULES = ("cosine", "constant")
+RECONSTRUCT_UNITS = ("layer", "block")
+ROUNDINGS = ("free", "learned")
 
 
 @dataclass
@@ -81,6 +83,19 @@ class AdaQuantConfig:
                              "output loss's Fisher diagonal (see README)")
     fisher_draws: int = setting(1, flag="--fisher-draws",
                                 help="backward passes per calibration sample that estimate the Fisher weights")
+    # Past the paper (calibrate/reconstruct.py): BRECQ's blocks, AdaRound's learned rounding and
+    # QDrop's activation dropping; sequential runs only (parallel runs stay per layer).
+    reconstruct: str = setting("layer", flag="--reconstruct", choices=RECONSTRUCT_UNITS,
+                               help="fit each layer alone, or each block (an inverted residual, a residual "
+                                    "block, a transformer layer) as a whole on its output")
+    rounding: str = setting("free", flag="--rounding", choices=ROUNDINGS,
+                            help="weights free to move (AdaQuant), or each rounded up or down by a learned "
+                                 "choice (AdaRound)")
+    qdrop: float = setting(0.0, flag="--qdrop", help="probability that an activation quantizer passes its float "
+                           "input, per element, while a unit is fitted (QDrop; the paper uses 0.5)")
+    lr_rounding: float = setting(1e-2, flag="--lr-rounding", help="rate of the learned-rounding variables")
+    rounding_reg: float = setting(0.01, flag="--rounding-reg",
+                                  help="weight of the regularizer that drives learned rounding to 0 or 1")
     max_memory_gb: float = setting(4.0, flag="--max-memory", help="GB bound on AdaQuant's cached activations")
     cache_fp16: bool = setting(False, flag="--cache-fp16", is_flag=True,
                                help="cache AdaQuant activations in float16")
@@ -99,8 +114,19 @@ class AdaQuantConfig:
             raise Sub8Error(f"adaquant.fisher_draws must be at least 1, got {self.fisher_draws}")
         if not 0.0 < self.holdout < 1.0:
             raise Sub8Error(f"adaquant.holdout must be in (0, 1), got {self.holdout}")
+        if self.reconstruct not in RECONSTRUCT_UNITS:
+            raise Sub8Error(f"adaquant.reconstruct must be one of {', '.join(RECONSTRUCT_UNITS)}, got {self.reconstruct!r}")
+        if self.rounding not in ROUNDINGS:
+            raise Sub8Error(f"adaquant.rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if not 0.0 <= self.qdrop < 1.0:
+            raise Sub8Error(f"adaquant.qdrop (--qdrop) must be in [0, 1), got {self.qdrop}")
         if self.max_memory_gb <= 0:
             raise Sub8Error(f"adaquant.max_memory_gb (--max-memory) must be positive, got {self.max_memory_gb}")
+
+    @property
+    def beyond_layers(self) -> bool:
+        """Whether a unit is fitted by calibrate/reconstruct.py rather than layer-wise AdaQuant."""
+        return self.reconstruct != "layer" or self.rounding != "free" or self.qdrop > 0
 
     @property
     def weighted(self) -> bool:
@@ -360,6 +386,9 @@ def adaquant(prepared: PreparedModel, calib: torch.Tensor, cfg: AdaQuantConfig |
     torch.set_flush_denormal(True)  # Adam's second moments decay into denormals: 20x slower on CPU
     try:
         with reuse_freed_memory():
+            if cfg.beyond_layers:
+                from .reconstruct import reconstruct
+                return reconstruct(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss)
             return _adaquant(prepared, calib, cfg, forward_batch, seed, show_progress, checkpoints, output_loss,
                              executor or InProcessExecutor())
     finally:

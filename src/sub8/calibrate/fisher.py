@@ -45,10 +45,12 @@ class GradTap(nn.Module):
         return x
 
 
-def tapped_copy(module: nn.Module, names: list[str], followed: dict, seen: list) -> nn.Module:
+def tapped_copy(module: nn.Module, names: list[str], followed: dict, seen: list,
+                at: dict[str, str] | None = None) -> nn.Module:
     """A copy of `module` that records each named layer's activated output in `seen`: after the
     ReLU/ReLU6 that follows it in the graph (the gradient at the layer's own output is zero
-    wherever that activation clamps), else the layer's output."""
+    wherever that activation clamps), else the layer's output. `at` (traced models): tap the
+    graph node `at[name]` instead (a block's output)."""
     module = copy.deepcopy(module)
     if not isinstance(module, fx.GraphModule):  # no graph: no activation is known to follow
         for name in names:
@@ -57,9 +59,10 @@ def tapped_copy(module: nn.Module, names: list[str], followed: dict, seen: list)
         return module
     graph = module.graph
     nodes = {n.target: n for n in graph.nodes if n.op == "call_module"}
+    by_name = {n.name: n for n in graph.nodes}
     for k, name in enumerate(names):
-        node = nodes[name]
-        if followed.get(name) is not None:
+        node = by_name[at[name]] if at else nodes[name]
+        if not at and followed.get(name) is not None:
             node = next(iter(node.users))  # the graph analysis found exactly one user, the activation
         target = f"sub8_grad_tap_{k}"
         module.add_submodule(target, GradTap(name, seen))
@@ -85,12 +88,13 @@ def output_direction(kind: str, out: torch.Tensor, generator: torch.Generator) -
 
 
 def fisher_weights(reference: nn.Module, names: list[str], followed: dict, calib: torch.Tensor,
-                   kind: str, draws: int, batch: int, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                   kind: str, draws: int, batch: int, seed: int, dtype: torch.dtype,
+                   at: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Per-element weights of each named layer's activated output, for every calibration sample,
     in the layout of AdaQuant's cache (channels-last for images, real tokens for text), mean 1
     per layer."""
     seen: list = []
-    tapped = tapped_copy(reference, names, followed, seen)
+    tapped = tapped_copy(reference, names, followed, seen, at)
     tapped.requires_grad_(True)  # a private copy: its parameters only make autograd record the graph
     device = next(tapped.parameters()).device
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,153 @@
+"""Layer-wise AdaQuant against block reconstruction, learned rounding and QDrop: agreement with
+the float model on the benchmark photos, time, per width and seed; or (--memory) the whole
+process's peak RSS of each on torchvision ResNet-50 with random weights.
+
+    python benchmarks/bench_reconstruct.py [--bits W4A4,W2A4,W4A8] [--seeds 0,1,2] \
+        [--configs layer,block,block+learned,block+qdrop,block+learned+qdrop] [--iters 100]
+    python benchmarks/bench_reconstruct.py --memory [--samples 512] [--max-memory 4]
+
+A config is `layer` or `block`, with `+learned` (AdaRound's rounding) and `+qdrop` (p = 0.5).
+All at the CPU setting (sequential, mini-batch 16, relative rates 1e-2 for the weights and 1e-1
+for the input steps); first and last layers at 8 bits. Prints a table (mean and spread over the
+seeds); writes benchmarks/results/reconstruct.json (--memory: reconstruct_memory.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_io import write_result  # noqa: E402
+from sub8 import QuantConfig, quantize  # noqa: E402
+from sub8.demo import CPU_ADAQUANT  # noqa: E402
+
+METRICS = ("top1_agreement_confident", "top1_agreement", "kl")
+
+
+def settings(config: str, iters: int) -> dict:
+    unit, *extras = config.split("+")
+    unknown = set(extras) - {"learned", "qdrop"}
+    if unit not in ("layer", "block") or unknown:
+        raise SystemExit(f"unknown config {config!r}: layer|block, then +learned and/or +qdrop")
+    return {**CPU_ADAQUANT, "iters": iters, "reconstruct": unit,
+            "rounding": "learned" if "learned" in extras else "free", "qdrop": 0.5 if "qdrop" in extras else 0.0}
+
+
+def quality(args) -> int:
+    from sub8.data import load_images
+    from sub8.evaluate import compare, predict
+    from sub8.zoo import load_model
+
+    loaded = load_model(args.model)
+    calib = load_images(os.path.join(args.photos, "calib"), loaded.transform, limit=args.samples,
+                        role="calibration").images
+    evals = load_images(os.path.join(args.photos, "eval"), loaded.transform, role="evaluation").images
+    model = loaded.module.eval()
+    float_logits = predict(model, evals)
+    print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation photos; {args.iters} iterations "
+          f"per unit; seeds {args.seeds}", flush=True)
+    print(f"{'bits':<6} {'config':<22} {'seed':>4} {'conf top1':>9} {'top1':>6} {'KL':>7} {'minutes':>7}", flush=True)
+    rows = []
+    for bits in args.bits.split(","):
+        w, a = (int(v) for v in bits.upper().lstrip("W").split("A"))
+        for config in args.configs.split(","):
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                qc = QuantConfig(w_bits=w, a_bits=a, pipeline="adaquant", cache_dir=None, seed=seed,
+                                 adaquant=settings(config, args.iters))
+                start = time.perf_counter()
+                result = quantize(model, calib, qc)
+                seconds = time.perf_counter() - start
+                metrics = compare(float_logits, predict(result.module, evals))
+                rows.append({"bits": bits, "config": config, "seed": seed, "seconds": seconds,
+                             "metrics": {k: metrics[k] for k in (*METRICS, "n_confident")},
+                             "adaquant": result.report.get("adaquant")})
+                print(f"{bits:<6} {config:<22} {seed:>4} {metrics['top1_agreement_confident']:9.3f} "
+                      f"{metrics['top1_agreement']:6.3f} {metrics['kl']:7.3f} {seconds / 60:7.1f}", flush=True)
+                write_result("reconstruct", {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
+                                             "iters": args.iters, "rows": rows, "summary": summary(rows)})
+    print("\nmean (spread) over seeds")
+    for s in summary(rows):
+        print(f"{s['bits']:<6} {s['config']:<22} conf {s['conf_mean']:.3f} ({s['conf_min']:.3f}-{s['conf_max']:.3f}) "
+              f"KL {s['kl_mean']:.3f} minutes {s['minutes_mean']:.1f}")
+    return 0
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    out = []
+    for key in dict.fromkeys((r["bits"], r["config"]) for r in rows):
+        group = [r for r in rows if (r["bits"], r["config"]) == key]
+        conf = [r["metrics"]["top1_agreement_confident"] for r in group]
+        out.append({"bits": key[0], "config": key[1], "seeds": len(group), "conf_mean": statistics.mean(conf),
+                    "conf_min": min(conf), "conf_max": max(conf),
+                    "kl_mean": statistics.mean(r["metrics"]["kl"] for r in group),
+                    "minutes_mean": statistics.mean(r["seconds"] for r in group) / 60})
+    return out
+
+
+def memory_child(config: str, samples: int, max_memory: float, iters: int) -> dict:
+    """One run in this process: ResNet-50 (random weights), W4A4, `samples` random 224x224 images."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    calib = torch.randn(samples, 3, 224, 224)
+    qc = QuantConfig(w_bits=4, a_bits=4, pipeline="adaquant", cache_dir=None,
+                     adaquant={**settings(config, iters), "max_memory_gb": max_memory})
+    start = time.perf_counter()
+    report = quantize(torchvision.models.resnet50().eval(), calib, qc).report
+    return {"config": config, "seconds": time.perf_counter() - start,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_cache_mb": report["adaquant"]["peak_cache_mb"], "calib_mb": calib.numel() * 4 / 2 ** 20}
+
+
+def memory(args) -> int:
+    rows = []
+    print(f"ResNet-50, random weights, W4A4, {args.samples} images 224x224, --max-memory {args.max_memory}, "
+          f"{args.iters} iterations per unit")
+    print(f"{'config':<22} {'peak RSS MB':>11} {'peak cache MB':>13} {'minutes':>7}", flush=True)
+    for config in args.configs.split(","):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", config, "--samples", str(args.samples),
+                              "--max-memory", str(args.max_memory), "--iters", str(args.iters)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-2000:])
+            return out.returncode
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{config:<22} {row['peak_rss_mb']:11.0f} {row['peak_cache_mb']:13.0f} {row['seconds'] / 60:7.1f}",
+              flush=True)
+        write_result("reconstruct_memory", {"model": "torchvision resnet50 (random weights)", "n_calib": args.samples,
+                                            "max_memory_gb": args.max_memory, "iters": args.iters, "rows": rows})
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", default="data/bench-photos")
+    ap.add_argument("--model", default="zoo:mobilenet_v2")
+    ap.add_argument("--bits", default="W4A4,W2A4,W4A8")
+    ap.add_argument("--configs", default="layer,block,block+learned,block+qdrop,block+learned+qdrop")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--memory", action="store_true", help="peak RSS on ResNet-50 instead of quality")
+    ap.add_argument("--max-memory", type=float, default=4.0)
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.samples, args.max_memory, args.iters)))
+        return 0
+    return memory(args) if args.memory else quality(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

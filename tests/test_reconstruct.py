@@ -1,0 +1,187 @@
+import importlib
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from sub8 import QuantConfig, Sub8Error, calibrate_ranges, prepare
+from sub8.calibrate import AdaQuantConfig, adaquant
+from sub8.prepare.blocks import find_units
+from tinymodels import ResidualBlock, TinyNet, randomize_bn
+
+rc = importlib.import_module("sub8.calibrate.reconstruct")
+
+
+class TwoBlocks(nn.Module):
+    """A stem, two residual blocks (a class built twice: blocks) and a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.block1 = ResidualBlock(8)
+        self.block2 = ResidualBlock(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def rtn(model, x, w_bits=4, a_bits=4, **config):
+    p = prepare(model, x[:1], QuantConfig(w_bits=w_bits, a_bits=a_bits, first_last_bits=w_bits, **config))
+    calibrate_ranges(p, x, "minmax")
+    return p
+
+
+def names(units):
+    return [(u.name, u.kind, len(u.layers)) for u in units]
+
+
+def test_blocks_of_mobilenet_v2_and_resnet18():
+    x = torch.randn(1, 3, 224, 224)
+    p = prepare(torchvision.models.mobilenet_v2(), x, QuantConfig())
+    units = find_units(p.module, p.layers)
+    assert names(units) == ([("features.0.0", "layer", 1), ("features.1", "block", 2)]
+                            + [(f"features.{i}", "block", 3) for i in range(2, 18)]
+                            + [("features.18.0", "layer", 1), ("classifier.1", "layer", 1)])
+    # an inverted residual with a skip ends at its add; one without, at its projection conv
+    assert units[3].output == "add" and units[2].output == "features_2_conv_2"
+    assert sum(len(u.layers) for u in units) == len(p.layers) == 53
+
+    p = prepare(torchvision.models.resnet18(), x, QuantConfig(requantize=True))
+    units = find_units(p.module, p.layers)
+    blocks = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    assert [u.name for u in units] == ["conv1", *blocks, "fc"]
+    down = units[3]  # layer2.0: the downsampling basic block
+    assert down.layers == ["layer2.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0"]
+    assert down.output == "layer2_0_relu_1"  # after the add, the block's last ReLU
+    # the junction quantizers of its add belong to it
+    assert any(n.startswith("requant_add") for n in down.nodes)
+    assert [u.name for u in find_units(p.module, p.layers, block=False)] == [i.name for i in p.layers]
+
+
+@pytest.mark.slow
+def test_blocks_of_minilm_are_its_transformer_layers():
+    from sub8.zoo import load_model
+
+    loaded = load_model("zoo:minilm")
+    example = loaded.tokenizer(["a sentence"]) if callable(getattr(loaded, "tokenizer", None)) else None
+    from sub8.adapters import adapter_for
+
+    tokens = torch.stack([torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
+    p = adapter_for(loaded.module).prepare(loaded.module, tokens, QuantConfig())
+    units = find_units(p.module, p.layers)
+    layer = [f"model.encoder.layer.{i}" for i in range(6)]
+    assert [u.name for u in units] == layer
+    attention = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense"]
+    assert units[0].layers == [f"{layer[0]}.{a}" for a in attention]
+    del example
+
+
+def test_one_layer_units_give_layerwise_adaquant_exactly():
+    """TinyNet's residual block is built once, so every unit is a single layer: the block engine
+    then fits what sequential AdaQuant fits, on the same batches, to the same values."""
+    torch.manual_seed(0)
+    model = randomize_bn(TinyNet())
+    x = torch.rand(40, 3, 32, 32)
+    cfg = dict(mode="sequential", iters=25, batch_size=8, lr_weight=1e-2, lr_input_quant=1e-1)
+    layerwise, blockwise = rtn(model, x), rtn(model, x)
+    adaquant(layerwise, x, AdaQuantConfig(**cfg), show_progress=False)
+    record = adaquant(blockwise, x, AdaQuantConfig(**cfg, reconstruct="block"), show_progress=False)
+    assert all(u["kind"] == "layer" for u in record["units"]) and len(record["layers"]) == 6
+    a, b = layerwise.module.state_dict(), blockwise.module.state_dict()
+    moved = 0
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.allclose(v, b[k], rtol=1e-5, atol=1e-6), k
+            moved += int(not torch.equal(v, rtn(model, x).module.state_dict()[k]))
+    assert moved > 10  # the fit changed weights, biases and steps
+
+
+def test_learned_rounding_codes_are_within_one_step_of_round_to_nearest():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    x = torch.rand(48, 3, 32, 32)
+    p = rtn(model, x)
+    start = {n: (m.weight_quantizer.codes(m.layer.weight).clone(), m.weight_quantizer.step.clone())
+             for n, m in p.quant_layers().items()}
+    record = adaquant(p, x, AdaQuantConfig(mode="sequential", iters=60, batch_size=8, reconstruct="block",
+                                           rounding="learned", loss="mse"), show_progress=False)
+    assert [u["kind"] for u in record["units"]] == ["layer", "block", "block", "layer"]
+    changed = 0
+    for n, m in p.quant_layers().items():
+        codes = m.weight_quantizer.codes(m.layer.weight)
+        rtn_codes, step0 = start[n]
+        assert torch.equal(codes, codes.round())
+        assert (codes - rtn_codes).abs().max() <= 1, n
+        changed += int((codes != rtn_codes).sum())
+        # the weight lies on its grid point exactly: the artifact and export read the same codes
+        assert torch.allclose(m.weight_quantizer.fake_quant(m.layer.weight), m.layer.weight, atol=1e-6)
+    assert changed > 0
+    for u in record["layers"]:
+        assert u["heldout_mse_after"] < u["heldout_mse_before"], u["name"]
+
+
+def spy_on_fits(monkeypatch, at_iteration):
+    seen = []
+    original = rc.fit_unit
+
+    def fit(module, steps, weights, biases, xs_q, xs_f, *args, **kw):
+        def on_batch(it, idx, mixed):
+            if it == at_iteration:
+                seen.append((idx.clone(), [x[idx].float() for x in xs_q], [f[idx].float() for f in xs_f],
+                             [(m.clone(), k.clone()) for m, k in mixed]))
+        return original(module, steps, weights, biases, xs_q, xs_f, *args, on_batch=on_batch, **kw)
+
+    monkeypatch.setattr(rc, "fit_unit", fit)
+    return seen
+
+
+def test_qdrop_mixes_float_and_quantized_inputs_by_the_mask(monkeypatch):
+    torch.manual_seed(0)
+    x = torch.rand(40, 3, 32, 32)
+    p = rtn(TwoBlocks().eval(), x)
+    iters = 30
+    seen = spy_on_fits(monkeypatch, at_iteration=iters - 2)  # a late batch
+    adaquant(p, x, AdaQuantConfig(mode="sequential", iters=iters, batch_size=8, reconstruct="block", qdrop=0.5),
+             show_progress=False)
+    assert len(seen) == 4  # every unit
+    for k, (idx, xq, xf, mixed) in enumerate(seen):
+        for q, f, (m, mask) in zip(xq, xf, mixed):
+            assert torch.equal(m[mask], f[mask]) and torch.equal(m[~mask], q[~mask])
+            share = mask.float().mean()
+            assert 0.45 < share < 0.55 if mask.numel() > 10_000 else 0.2 < share < 0.8
+            if k > 0:  # after the first unit the quantized model's inputs differ from float
+                assert not torch.equal(q, f)
+
+
+def test_qdrop_that_never_drops_is_plain_block_reconstruction():
+    """With a probability too small to ever drop, the dropping machinery (masks, mixing, their
+    own generator) leaves block reconstruction exactly as it is without it."""
+    torch.manual_seed(0)
+    model, x = TwoBlocks().eval(), torch.rand(40, 3, 32, 32)
+    cfg = dict(mode="sequential", iters=20, batch_size=8, reconstruct="block")
+    plain, dropping = rtn(model, x), rtn(model, x)
+    adaquant(plain, x, AdaQuantConfig(**cfg), show_progress=False)
+    adaquant(dropping, x, AdaQuantConfig(**cfg, qdrop=1e-12), show_progress=False)
+    for k, v in plain.module.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, dropping.module.state_dict()[k]), k
+
+
+def test_mix_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, f = torch.zeros(1000), torch.ones(1000)
+    mixed, mask = rc.mix_inputs(q, f, 0.3, g)
+    assert torch.equal(mixed, mask.float()) and 0.25 < mask.float().mean() < 0.35
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(Sub8Error, match="reconstruct"):
+        AdaQuantConfig(reconstruct="stage")
+    with pytest.raises(Sub8Error, match="rounding"):
+        AdaQuantConfig(rounding="nearest")
+    with pytest.raises(Sub8Error, match="qdrop"):
+        AdaQuantConfig(qdrop=1.0)
