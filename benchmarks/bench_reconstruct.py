@@ -72,7 +72,7 @@ def quality(args) -> int:
                              "adaquant": result.report.get("adaquant")})
                 print(f"{bits:<6} {config:<22} {seed:>4} {metrics['top1_agreement_confident']:9.3f} "
                       f"{metrics['top1_agreement']:6.3f} {metrics['kl']:7.3f} {seconds / 60:7.1f}", flush=True)
-                write_result("reconstruct", {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
+                write_result(args.name, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
                                              "iters": args.iters, "rows": rows, "summary": summary(rows)})
     print("\nmean (spread) over seeds")
     for s in summary(rows):
@@ -141,6 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--memory", action="store_true", help="peak RSS on ResNet-50 instead of quality")
     ap.add_argument("--max-memory", type=float, default=4.0)
+    ap.add_argument("--name", default="reconstruct", help="benchmarks/results/NAME.json")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:

@@ -66,18 +66,14 @@ def test_blocks_of_minilm_are_its_transformer_layers():
     from sub8.zoo import load_model
 
     loaded = load_model("zoo:minilm")
-    example = loaded.tokenizer(["a sentence"]) if callable(getattr(loaded, "tokenizer", None)) else None
-    from sub8.adapters import adapter_for
-
-    tokens = torch.stack([torch.ones(1, 8, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
-    p = adapter_for(loaded.module).prepare(loaded.module, tokens, QuantConfig())
+    tokens = torch.ones(1, 2, 8, dtype=torch.long)  # ids and mask of one 8-token sentence
+    p = prepare(loaded.module, tokens, QuantConfig())
     units = find_units(p.module, p.layers)
     layer = [f"model.encoder.layer.{i}" for i in range(6)]
     assert [u.name for u in units] == layer
     attention = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                  "intermediate.dense", "output.dense"]
     assert units[0].layers == [f"{layer[0]}.{a}" for a in attention]
-    del example
 
 
 def test_one_layer_units_give_layerwise_adaquant_exactly():
@@ -185,3 +181,60 @@ def test_bad_settings_are_refused():
         AdaQuantConfig(rounding="nearest")
     with pytest.raises(Sub8Error, match="qdrop"):
         AdaQuantConfig(qdrop=1.0)
+
+
+class MemoryCheckpoints:
+    def __init__(self):
+        self.saved = {}
+
+    def load(self, *parts):
+        return self.saved.get(repr(parts))
+
+    def save(self, value, *parts):
+        self.saved[repr(parts)] = value
+
+
+def test_interrupted_reconstruction_resumes_after_the_last_finished_unit(monkeypatch):
+    torch.manual_seed(0)
+    model, x = TwoBlocks().eval(), torch.rand(40, 3, 32, 32)
+    cfg = AdaQuantConfig(mode="sequential", iters=15, batch_size=8, reconstruct="block", rounding="learned",
+                         qdrop=0.5)
+    whole = rtn(model, x)
+    adaquant(whole, x, cfg, show_progress=False)
+
+    interrupted, checkpoints = rtn(model, x), MemoryCheckpoints()
+    original, fits = rc.fit_unit, []
+
+    def fit(*args, **kw):
+        if len(fits) == 2:
+            raise KeyboardInterrupt
+        fits.append(1)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(rc, "fit_unit", fit)
+    with pytest.raises(KeyboardInterrupt):
+        adaquant(interrupted, x, cfg, show_progress=False, checkpoints=checkpoints)
+    monkeypatch.setattr(rc, "fit_unit", original)
+    resumed = rtn(model, x)
+    record = adaquant(resumed, x, cfg, show_progress=False, checkpoints=checkpoints)
+    assert record["resumed_units"] == 2
+    for k, v in whole.module.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, resumed.module.state_dict()[k]), k
+
+
+def test_untraced_models_are_refused_with_a_way_forward():
+    class Untraced(nn.Module):
+        sub8_traceable = False
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    x = torch.rand(20, 4)
+    p = rtn(Untraced(), x)
+    with pytest.raises(Sub8Error, match="layer-wise AdaQuant"):
+        adaquant(p, x, AdaQuantConfig(mode="sequential", iters=2, reconstruct="block"), show_progress=False)
