@@ -51,8 +51,8 @@ def quality(args) -> int:
     calib = load_images(os.path.join(args.photos, "calib"), loaded.transform, limit=args.samples,
                         role="calibration").images
     evals = load_images(os.path.join(args.photos, "eval"), loaded.transform, role="evaluation").images
-    model = loaded.module.eval()
-    float_logits = predict(model, evals)
+    model = loaded.module.eval().to(args.device)
+    float_logits = predict(model, evals, 64, args.device)
     print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation photos; {args.iters} iterations "
           f"per unit; seeds {args.seeds}", flush=True)
     print(f"{'bits':<6} {'config':<22} {'seed':>4} {'conf top1':>9} {'top1':>6} {'KL':>7} {'minutes':>7}", flush=True)
@@ -62,18 +62,18 @@ def quality(args) -> int:
         for config in args.configs.split(","):
             for seed in [int(s) for s in args.seeds.split(",")]:
                 qc = QuantConfig(w_bits=w, a_bits=a, pipeline="adaquant", cache_dir=None, seed=seed,
-                                 adaquant=settings(config, args.iters))
+                                 device=args.device, adaquant=settings(config, args.iters))
                 start = time.perf_counter()
                 result = quantize(model, calib, qc)
                 seconds = time.perf_counter() - start
-                metrics = compare(float_logits, predict(result.module, evals))
+                metrics = compare(float_logits, predict(result.module, evals, 64, args.device))
                 rows.append({"bits": bits, "config": config, "seed": seed, "seconds": seconds,
                              "metrics": {k: metrics[k] for k in (*METRICS, "n_confident")},
                              "adaquant": result.report.get("adaquant")})
                 print(f"{bits:<6} {config:<22} {seed:>4} {metrics['top1_agreement_confident']:9.3f} "
                       f"{metrics['top1_agreement']:6.3f} {metrics['kl']:7.3f} {seconds / 60:7.1f}", flush=True)
-                write_result(args.name, {"model": args.model, "n_calib": len(calib), "n_eval": len(evals),
-                                             "iters": args.iters, "rows": rows, "summary": summary(rows)})
+                write_result(args.name, {"model": args.model, "device": args.device, "n_calib": len(calib), "n_eval": len(evals),
+                                             "iters": args.iters, "rows": rows, "summary": summary(rows)}, args.json)
     print("\nmean (spread) over seeds")
     for s in summary(rows):
         print(f"{s['bits']:<6} {s['config']:<22} conf {s['conf_mean']:.3f} ({s['conf_min']:.3f}-{s['conf_max']:.3f}) "
@@ -142,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true", help="peak RSS on ResNet-50 instead of quality")
     ap.add_argument("--max-memory", type=float, default=4.0)
     ap.add_argument("--name", default="reconstruct", help="benchmarks/results/NAME.json")
+    ap.add_argument("--json", help="write here instead")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:

@@ -129,12 +129,28 @@ def adaquant_quality_table(r: dict) -> list[str]:
     return lines + [""]
 
 
+def reconstruct_table(r: dict) -> list[str]:
+    lines = [f"{r['model']}, {r['n_calib']} calibration and {r['n_eval']} evaluation photos, {r['iters']} iterations "
+             "per unit at the CPU setting (sequential, mini-batch 16); first and last layers at 8 bits. `layer`: "
+             "AdaQuant; `block`: each block fitted whole; `+learned`: learned rounding; `+qdrop`: p = 0.5.", "",
+             "| bits | config | seed | confident top-1 agreement | top-1 agreement | KL | minutes |",
+             "|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['bits']} | {x['config']} | {x['seed']} | {agreement(x['metrics'])} "
+                     f"| {fmt(x['seconds'] / 60, 1)} |")
+    return lines + [""]
+
+
 RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_quality_table),
              "gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables),
              "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table),
              "peers": ("sub8 against torchao, NNCF and Brevitas", peers_table),
              "peers_efficientnet": ("sub8 against torchao and NNCF: EfficientNet-Lite0", peers_table),
-             "onnx": ("ONNX Runtime: the exported W8A8 model against float", onnx_table)}
+             "onnx": ("ONNX Runtime: the exported W8A8 model against float", onnx_table),
+             "reconstruct": ("Layer-wise AdaQuant against block reconstruction, learned rounding and QDrop",
+                             reconstruct_table),
+             "reconstruct_w2a4": ("AdaQuant against block reconstruction with QDrop at W2A4", reconstruct_table),
+             "reconstruct_w4a8": ("Block reconstruction with QDrop at W4A8", reconstruct_table)}
 
 
 def provenance(r: dict) -> str:

@@ -238,3 +238,22 @@ def test_untraced_models_are_refused_with_a_way_forward():
     p = rtn(Untraced(), x)
     with pytest.raises(Sub8Error, match="layer-wise AdaQuant"):
         adaquant(p, x, AdaQuantConfig(mode="sequential", iters=2, reconstruct="block"), show_progress=False)
+
+
+def test_advanced_pipeline_reconstructs_blocks_after_allocation(tmp_path):
+    """Candidates stay per layer (parallel AdaQuant, each layer at its candidate precision);
+    after allocation the chosen mix is fitted block by block, with QDrop."""
+    from sub8 import quantize
+
+    torch.manual_seed(0)
+    model, x = TwoBlocks().eval(), torch.rand(40, 3, 32, 32)
+    config = QuantConfig(pipeline="advanced", cache_dir=str(tmp_path / "cache"),
+                         adaquant={"iters": 5, "batch_size": 8, "reconstruct": "block", "qdrop": 0.5},
+                         bias_tuning={"iters": 2, "batch_size": 8}, allocation={"size_ratio": 0.2})
+    report = quantize(model, x, config).report
+    for steps in report["allocate"]["candidates"].values():  # parallel: single layers on float inputs
+        assert steps["adaquant"]["settings"]["mode"] == "parallel"
+        assert {u["kind"] for u in steps["adaquant"]["units"]} == {"layer"}
+    after = report["adaquant_sequential"]
+    assert [u["kind"] for u in after["units"]] == ["layer", "block", "block", "layer"]
+    assert all(torch.isfinite(torch.tensor(u["heldout_mse_after"])) for u in after["layers"])

@@ -125,8 +125,10 @@ class AdaQuantConfig:
 
     @property
     def beyond_layers(self) -> bool:
-        """Whether a unit is fitted by calibrate/reconstruct.py rather than layer-wise AdaQuant."""
-        return self.reconstruct != "layer" or self.rounding != "free" or self.qdrop > 0
+        """Whether calibrate/reconstruct.py fits this run rather than layer-wise AdaQuant (a
+        parallel run's units are single layers: blocks alone change nothing there)."""
+        blocks = self.reconstruct == "block" and self.mode != "parallel"
+        return blocks or self.rounding != "free" or self.qdrop > 0
 
     @property
     def weighted(self) -> bool:
