@@ -150,7 +150,9 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "reconstruct": ("Layer-wise AdaQuant against block reconstruction, learned rounding and QDrop",
                              reconstruct_table),
              "reconstruct_w2a4": ("AdaQuant against block reconstruction with QDrop at W2A4", reconstruct_table),
-             "reconstruct_w4a8": ("Block reconstruction with QDrop at W4A8", reconstruct_table)}
+             "reconstruct_w4a8": ("Block reconstruction with QDrop at W4A8", reconstruct_table),
+             "reconstruct_seeds": ("AdaQuant against block reconstruction with QDrop at W4A4: more seeds",
+                                   reconstruct_table)}
 
 
 def provenance(r: dict) -> str:
