@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.calibrate import AdaQuantConfig  # noqa: E402
+from sub8.calibrate.adaquant import BUDGETS  # noqa: E402
 from sub8.config import ADAQUANT_LOSSES, INPUT_RANGES, BiasTuningConfig  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import predict  # noqa: E402
@@ -48,9 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="hold-out split, mini-batches, Fisher draws")
     ap.add_argument("--iters", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=50)
-    ap.add_argument("--lr-weight", type=float, default=AdaQuantConfig.lr_weight,
+    ap.add_argument("--lr-weight", type=float, default=BUDGETS["full"]["lr_weight"],
                     help="relative (grid steps); 1e-2 at 100 iterations moves weights as far as 1e-3 at 1000")
-    ap.add_argument("--lr-input-quant", type=float, default=AdaQuantConfig.lr_input_quant,
+    ap.add_argument("--lr-input-quant", type=float, default=BUDGETS["full"]["lr_input_quant"],
                     help="relative rate of the input steps in AdaQuant (0: leave them to a later step)")
     ap.add_argument("--adaquant-loss", choices=ADAQUANT_LOSSES, default=AdaQuantConfig.loss)
     ap.add_argument("--fisher-draws", type=int, default=AdaQuantConfig.fisher_draws)
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
             label = method if mode == "rtn" else f"adaquant {method}"
             config = QuantConfig(w_bits=w, a_bits=a, steps=steps, samples=args.samples, device=args.device,
                                  seed=args.seed,
-                                 adaquant=AdaQuantConfig(mode=mode if mode != "rtn" else "parallel",
+                                 adaquant=AdaQuantConfig(mode=mode if mode != "rtn" else "parallel", reconstruct="layer",
                                                          iters=args.iters,
                                                          batch_size=args.batch_size,
                                                          lr_weight=args.lr_weight,

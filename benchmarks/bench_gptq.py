@@ -38,7 +38,7 @@ def step_seconds(report: dict, method: str) -> float:
 
 
 def configs(args, w, a) -> dict:
-    adaquant = {"mode": "sequential", "iters": args.iters, "batch_size": args.batch_size,
+    adaquant = {"mode": "sequential", "reconstruct": "layer", "iters": args.iters, "batch_size": args.batch_size,
                 "lr_weight": args.lr_weight, "lr_input_quant": args.lr_input_quant}
     return {m: QuantConfig(w_bits=w, a_bits=a, steps=steps, adaquant=adaquant, cache_dir=None, seed=args.seed)
             for m, steps in METHODS.items()}

@@ -14,6 +14,11 @@ from tinymodels import TinyNet, randomize_bn
 adaquant_module = importlib.import_module("sub8.calibrate.adaquant")  # the name `adaquant` is the function
 
 
+def layerwise(**settings) -> AdaQuantConfig:
+    """The paper's layer-wise AdaQuant at its own budget (the defaults fit blocks on a CPU)."""
+    return AdaQuantConfig(**{"reconstruct": "layer", "budget": "full", **settings})
+
+
 def tight_budget_gb(p, x):
     """Just over the largest single layer's cache (inputs, targets and the default loss's
     Fisher weights): forces small groups."""
@@ -50,7 +55,7 @@ def test_adaquant_halves_heldout_mse_of_minmax_rtn_at_w4a4(kind):
         model = nn.Sequential(nn.Linear(64, 32)).eval()
         x, fresh = correlated(400, 64, mix=mix), correlated(50, 64, mix=mix)
     p = rtn(model, x)
-    record = adaquant(p, x, AdaQuantConfig(loss="mse"), show_progress=False)  # the paper's objective
+    record = adaquant(p, x, layerwise(loss="mse"), show_progress=False)  # the paper's objective
     layer = record["layers"][0]
     assert record["n_heldout"] == len(x) // 10
     assert layer["heldout_mse_after"] <= 0.5 * layer["heldout_mse_before"]
@@ -81,7 +86,7 @@ def test_loss_uses_the_activation_that_follows_in_the_graph(optimize_calls):
     model = randomize_bn(TinyNet())
     x = torch.rand(20, 3, 32, 32)
     p = rtn(model, x)
-    adaquant(p, x, AdaQuantConfig(iters=1), show_progress=False)
+    adaquant(p, x, layerwise(iters=1), show_progress=False)
     seen = optimize_calls["followed"]
     assert seen["stem.0"] == "relu6" and seen["block.conv1"] == "relu"
     assert seen["block.conv2"] is None  # feeds the residual add, not the ReLU
@@ -94,9 +99,9 @@ def test_grouped_parallel_run_equals_one_layer_at_a_time():
     cfg = dict(mode="parallel", iters=15, batch_size=8, lr_weight=1e-3)
     together = rtn(model, x)
     one_by_one = rtn(model, x)
-    rec_all = adaquant(together, x, AdaQuantConfig(**cfg, max_memory_gb=1.0), show_progress=False)
+    rec_all = adaquant(together, x, layerwise(**cfg, max_memory_gb=1.0), show_progress=False)
     budget = tight_budget_gb(one_by_one, x)
-    rec_one = adaquant(one_by_one, x, AdaQuantConfig(**cfg, max_memory_gb=budget), show_progress=False)
+    rec_one = adaquant(one_by_one, x, layerwise(**cfg, max_memory_gb=budget), show_progress=False)
     assert rec_all["groups"] == 1 and rec_one["groups"] >= 4
     a, b = together.module.state_dict(), one_by_one.module.state_dict()
     for k, v in a.items():
@@ -111,11 +116,11 @@ def test_cache_stays_under_max_memory():
     x = torch.rand(40, 3, 32, 32)
     p = rtn(model, x)
     budget_gb = tight_budget_gb(p, x)
-    rec = adaquant(p, x, AdaQuantConfig(mode="parallel", iters=1, max_memory_gb=budget_gb), show_progress=False)
+    rec = adaquant(p, x, layerwise(mode="parallel", iters=1, max_memory_gb=budget_gb), show_progress=False)
     assert rec["groups"] >= 4
     assert 0 < rec["peak_cache_mb"] <= budget_gb * 1024
     with pytest.raises(Sub8Error, match="max-memory"):
-        adaquant(rtn(model, x), x, AdaQuantConfig(iters=1, max_memory_gb=1e-5), show_progress=False)
+        adaquant(rtn(model, x), x, layerwise(iters=1, max_memory_gb=1e-5), show_progress=False)
 
 
 def test_sequential_inputs_are_the_quantized_models_inputs_for_all_samples(optimize_calls):
@@ -123,7 +128,7 @@ def test_sequential_inputs_are_the_quantized_models_inputs_for_all_samples(optim
     x = torch.rand(36, 3, 32, 32)
     p = rtn(model, x)
     used = optimize_calls["xs"]
-    adaquant(p, x, AdaQuantConfig(mode="sequential", iters=5, lr_weight=1e-3), forward_batch=8,
+    adaquant(p, x, layerwise(mode="sequential", iters=5, lr_weight=1e-3), forward_batch=8,
              show_progress=False)
     names = [i.name for i in p.layers]
     quantized = capture_inputs(p.module, names, x, 8, torch.float32, float_model=False)
@@ -152,7 +157,7 @@ def test_sequential_targets_are_the_float_outputs_whatever_the_memory_budget(opt
     tight, roomy = rtn(model, x), rtn(model, x)
     cfg = dict(mode="sequential", iters=5, lr_weight=1e-3)
     budget = tight_budget_gb(tight, x)
-    rec = adaquant(tight, x, AdaQuantConfig(**cfg, max_memory_gb=budget), forward_batch=8, show_progress=False)
+    rec = adaquant(tight, x, layerwise(**cfg, max_memory_gb=budget), forward_batch=8, show_progress=False)
     assert 0 < rec["peak_cache_mb"] <= budget * 1024
     names = [i.name for i in tight.layers]
     assert float_passes.count(False) == len(names) and 1 < float_passes.count(True) < len(names)
@@ -163,7 +168,7 @@ def test_sequential_targets_are_the_float_outputs_whatever_the_memory_budget(opt
             expected = ACTIVATIONS[info[name].followed_by](layer.layer(floats[name]))
         assert torch.allclose(optimize_calls["ys"][name], expected, rtol=1e-5, atol=1e-6), name
     float_passes.clear()
-    adaquant(roomy, x, AdaQuantConfig(**cfg, max_memory_gb=1.0), forward_batch=8, show_progress=False)
+    adaquant(roomy, x, layerwise(**cfg, max_memory_gb=1.0), forward_batch=8, show_progress=False)
     assert float_passes.count(True) == 1
     for k, v in tight.module.state_dict().items():
         if isinstance(v, torch.Tensor):

@@ -63,7 +63,7 @@ def test_quantize_writes_report_and_loadable_model(image_dirs, tmp_path):
 def test_adaquant_pipeline_records_each_layer(image_dirs, tmp_path):
     calib, _ = image_dirs
     out = str(tmp_path / "run")
-    result = quantize(calib, out, "--pipeline", "adaquant", "--adaquant", "sequential", "--iters", "3",
+    result = quantize(calib, out, "--pipeline", "adaquant", "--adaquant", "sequential", "--reconstruct", "layer", "--iters", "3",
                       "--batch-size", "4", "--samples", "10", "--lr-schedule", "constant",
                       "--adaquant-loss", "fisher", "--fisher-draws", "2")
     assert result.exit_code == 0, result.output

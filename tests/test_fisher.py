@@ -9,6 +9,11 @@ from sub8.quant.layers import float_mode
 from tinymodels import TinyNet, randomize_bn
 
 
+def layerwise(**settings) -> AdaQuantConfig:
+    """The paper's layer-wise AdaQuant at its own budget (the defaults fit blocks on a CPU)."""
+    return AdaQuantConfig(**{"reconstruct": "layer", "budget": "full", **settings})
+
+
 def sequential_net():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6(), nn.Conv2d(4, 5, 1), nn.Flatten(),
@@ -94,7 +99,7 @@ def test_adaquant_with_fisher_loss_lowers_the_weighted_heldout_error():
     model, x = randomize_bn(TinyNet()), torch.rand(120, 3, 16, 16)
     p = prepare(model, x[:1], QuantConfig(w_bits=4, a_bits=4, first_last_bits=8, cache_dir=None))
     calibrate_ranges(p, x, "mse")
-    record = adaquant(p, x, AdaQuantConfig(mode="parallel", iters=200, loss="fisher", fisher_draws=2), forward_batch=32,
+    record = adaquant(p, x, layerwise(mode="parallel", iters=200, loss="fisher", fisher_draws=2), forward_batch=32,
                       show_progress=False)
     assert record["settings"]["loss"] == "fisher" and record["settings"]["fisher_draws"] == 2
     for layer in record["layers"]:
@@ -117,5 +122,5 @@ def test_a_model_with_several_outputs_is_told_to_use_the_plain_loss():
     p = prepare(TwoHeads().eval(), x, QuantConfig(w_bits=4, a_bits=4, cache_dir=None))
     calibrate_ranges(p, x, "mse")
     with pytest.raises(Sub8Error, match="adaquant-loss mse"):
-        adaquant(p, x, AdaQuantConfig(iters=2), show_progress=False)
-    adaquant(p, x, AdaQuantConfig(iters=2, loss="mse"), show_progress=False)  # the plain loss runs
+        adaquant(p, x, layerwise(iters=2), show_progress=False)
+    adaquant(p, x, layerwise(iters=2, loss="mse"), show_progress=False)  # the plain loss runs

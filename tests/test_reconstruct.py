@@ -82,9 +82,9 @@ def test_one_layer_units_give_layerwise_adaquant_exactly():
     torch.manual_seed(0)
     model = randomize_bn(TinyNet())
     x = torch.rand(40, 3, 32, 32)
-    cfg = dict(mode="sequential", iters=25, batch_size=8, lr_weight=1e-2, lr_input_quant=1e-1)
+    cfg = dict(mode="sequential", iters=25, batch_size=8, lr_weight=1e-2, lr_input_quant=1e-1, qdrop=0.0)
     layerwise, blockwise = rtn(model, x), rtn(model, x)
-    adaquant(layerwise, x, AdaQuantConfig(**cfg), show_progress=False)
+    adaquant(layerwise, x, AdaQuantConfig(**cfg, reconstruct="layer"), show_progress=False)
     record = adaquant(blockwise, x, AdaQuantConfig(**cfg, reconstruct="block"), show_progress=False)
     assert all(u["kind"] == "layer" for u in record["units"]) and len(record["layers"]) == 6
     a, b = layerwise.module.state_dict(), blockwise.module.state_dict()
@@ -158,10 +158,10 @@ def test_qdrop_that_never_drops_is_plain_block_reconstruction():
     own generator) leaves block reconstruction exactly as it is without it."""
     torch.manual_seed(0)
     model, x = TwoBlocks().eval(), torch.rand(40, 3, 32, 32)
-    cfg = dict(mode="sequential", iters=20, batch_size=8, reconstruct="block")
+    cfg = dict(mode="sequential", iters=20, batch_size=8, reconstruct="block", qdrop=0.0)
     plain, dropping = rtn(model, x), rtn(model, x)
     adaquant(plain, x, AdaQuantConfig(**cfg), show_progress=False)
-    adaquant(dropping, x, AdaQuantConfig(**cfg, qdrop=1e-12), show_progress=False)
+    adaquant(dropping, x, AdaQuantConfig(**{**cfg, "qdrop": 1e-12}), show_progress=False)
     for k, v in plain.module.state_dict().items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, dropping.module.state_dict()[k]), k
@@ -238,6 +238,10 @@ def test_untraced_models_are_refused_with_a_way_forward():
     p = rtn(Untraced(), x)
     with pytest.raises(Sub8Error, match="layer-wise AdaQuant"):
         adaquant(p, x, AdaQuantConfig(mode="sequential", iters=2, reconstruct="block"), show_progress=False)
+    # the defaults fall back to the paper's layer-wise AdaQuant there
+    record = adaquant(p, x, AdaQuantConfig(mode="sequential", iters=2), show_progress=False)
+    assert record["settings"]["reconstruct"] == "layer" and record["settings"]["qdrop"] == 0.0
+    assert "units" not in record and [r["name"] for r in record["layers"]] == ["fc"]
 
 
 def test_advanced_pipeline_reconstructs_blocks_after_allocation(tmp_path):

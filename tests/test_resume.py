@@ -21,7 +21,7 @@ TESTS = os.path.dirname(__file__)
 def command(calib, evals, cache, out, *extra):
     return ["quantize", "--model", "python:tinymodels:tiny", "--calib", calib, "--eval", evals,
             "--samples", "10", "--w-bits", "4", "--a-bits", "4", "--pipeline", "adaquant",
-            "--adaquant", "sequential", "--iters", "800", "--batch-size", "4",
+            "--adaquant", "sequential", "--reconstruct", "layer", "--iters", "800", "--batch-size", "4",
             "--cache-dir", str(cache), "--out", str(out), *extra]
 
 

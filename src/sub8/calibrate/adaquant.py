@@ -42,8 +42,15 @@ from .split import holdout_split
 ADAQUANT_MODES = ("auto", "parallel", "sequential")
 ADAQUANT_LOSSES = ("mse", "fisher")
 LR_SCHEDULES = ("cosine", "constant")
-RECONSTRUCT_UNITS = ("layer", "block")
+RECONSTRUCT_UNITS = ("auto", "layer", "block")
 ROUNDINGS = ("free", "learned")
+# What a run can afford: iterations per layer or block, mini-batch and the two rates that a
+# shorter run needs higher. full: the paper's (a GPU's); cpu: 20 minutes or less for MobileNetV2
+# W4A4 on 256 photos on 2 cores (README, benchmarks/results/reconstruct*.json).
+BUDGETS = {"cpu": {"iters": 100, "batch_size": 16, "lr_weight": 1e-2, "lr_input_quant": 1e-1},
+           "full": {"iters": 1000, "batch_size": 50, "lr_weight": 1e-3, "lr_input_quant": 1e-2}}
+# QDrop's probability where blocks are fitted and --qdrop is not given (the paper's).
+BLOCK_QDROP = 0.5
 
 
 @dataclass
@@ -54,21 +61,27 @@ class AdaQuantConfig:
     mode: str = setting("auto", flag="--adaquant", choices=ADAQUANT_MODES,
                         help="AdaQuant inputs: the quantized model's (sequential) or the float model's "
                              "(parallel); auto: sequential, but parallel for bit allocation's candidates")
-    iters: int = setting(1000, flag="--iters", help="AdaQuant iterations per layer (faster on a CPU: 100, with "
-                         "--lr-weight 1e-2, --lr-input-quant 1e-1 and --batch-size 16; see README)")
-    batch_size: int = setting(50, flag="--batch-size", help="AdaQuant mini-batch")
+    budget: str = setting("auto", flag="--budget", choices=("auto", *BUDGETS),
+                          help="iterations, mini-batch and rates where not given: cpu (100 per layer or block, "
+                               "batch 16, --lr-weight 1e-2, --lr-input-quant 1e-1), full (the paper's 1000, "
+                               "batch 50, 1e-3, 1e-2); auto: full on CUDA, cpu otherwise")
+    iters: int | None = setting(None, flag="--iters", type=int,
+                                help="AdaQuant iterations per layer or block (default: from --budget)")
+    batch_size: int | None = setting(None, flag="--batch-size", type=int,
+                                     help="AdaQuant mini-batch (default: from --budget)")
     # Weights move in units of their channel's grid step (see LayerVariables): the paper's
     # absolute 1e-5 is about 1e-3 of a step for MobileNetV2's 1x1 convs at 4 bits, but under
     # 1e-4 for its depthwise convs, which then barely move.
-    lr_weight: float = setting(1e-3, flag="--lr-weight",
-                               help="relative rate of the weights (in units of their channel's grid step)")
+    lr_weight: float | None = setting(None, flag="--lr-weight", type=float,
+                                      help="relative rate of the weights (in units of their channel's grid "
+                                           "step; default: from --budget)")
     lr_bias: float = setting(1e-3, flag="--lr-bias", help="AdaQuant's rate of the biases")
     # Quantizer steps are optimized in log space, so these two are relative rates; the paper's
     # absolute 1e-1 for the input step becomes 1e-2 here.
     lr_weight_quant: float = setting(1e-3, flag="--lr-weight-quant",
                                      help="relative rate of the weight steps (log space)")
-    lr_input_quant: float = setting(1e-2, flag="--lr-input-quant",
-                                    help="relative rate of the input steps (log space)")
+    lr_input_quant: float | None = setting(None, flag="--lr-input-quant", type=float,
+                                           help="relative rate of the input steps (log space; default: from --budget)")
     # Every rate decays to 0 along a half cosine over the iterations (the reference code keeps
     # them constant: Adam then hovers around the optimum instead of settling in it).
     lr_schedule: str = setting("cosine", flag="--lr-schedule", choices=LR_SCHEDULES,
@@ -84,15 +97,20 @@ class AdaQuantConfig:
     fisher_draws: int = setting(1, flag="--fisher-draws",
                                 help="backward passes per calibration sample that estimate the Fisher weights")
     # Past the paper (calibrate/reconstruct.py): BRECQ's blocks, AdaRound's learned rounding and
-    # QDrop's activation dropping; sequential runs only (parallel runs stay per layer).
-    reconstruct: str = setting("layer", flag="--reconstruct", choices=RECONSTRUCT_UNITS,
+    # QDrop's activation dropping; sequential runs only (parallel runs stay per layer). Blocks
+    # with QDrop beat layer-wise AdaQuant at W4A4 on every seed measured, in less time
+    # (benchmarks/results/reconstruct_seeds.json), hence auto.
+    reconstruct: str = setting("auto", flag="--reconstruct", choices=RECONSTRUCT_UNITS,
                                help="fit each layer alone, or each block (an inverted residual, a residual "
-                                    "block, a transformer layer) as a whole on its output")
+                                    "block, a transformer layer) as a whole on its output; auto: blocks in a "
+                                    "sequential run of a model torch.fx traces, else layers")
     rounding: str = setting("free", flag="--rounding", choices=ROUNDINGS,
                             help="weights free to move (AdaQuant), or each rounded up or down by a learned "
                                  "choice (AdaRound)")
-    qdrop: float = setting(0.0, flag="--qdrop", help="probability that an activation quantizer passes its float "
-                           "input, per element, while a unit is fitted (QDrop; the paper uses 0.5)")
+    qdrop: float | None = setting(None, flag="--qdrop", type=float,
+                                  help="probability that an activation quantizer passes its float input, per "
+                                       f"element, while a unit is fitted (QDrop; default: {BLOCK_QDROP} when "
+                                       "blocks are fitted, else 0)")
     lr_rounding: float = setting(1e-2, flag="--lr-rounding", help="rate of the learned-rounding variables")
     rounding_reg: float = setting(0.01, flag="--rounding-reg",
                                   help="weight of the regularizer that drives learned rounding to 0 or 1")
@@ -106,7 +124,9 @@ class AdaQuantConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise Sub8Error(f"adaquant.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
                             f"got {self.lr_schedule!r}")
-        if self.iters < 0 or self.batch_size < 1:
+        if self.budget not in ("auto", *BUDGETS):
+            raise Sub8Error(f"adaquant.budget must be one of auto, {', '.join(BUDGETS)}, got {self.budget!r}")
+        if (self.iters is not None and self.iters < 0) or (self.batch_size is not None and self.batch_size < 1):
             raise Sub8Error("AdaQuant needs adaquant.iters >= 0 and adaquant.batch_size >= 1")
         if self.loss not in ADAQUANT_LOSSES:
             raise Sub8Error(f"adaquant.loss must be one of {', '.join(ADAQUANT_LOSSES)}, got {self.loss!r}")
@@ -118,10 +138,25 @@ class AdaQuantConfig:
             raise Sub8Error(f"adaquant.reconstruct must be one of {', '.join(RECONSTRUCT_UNITS)}, got {self.reconstruct!r}")
         if self.rounding not in ROUNDINGS:
             raise Sub8Error(f"adaquant.rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
-        if not 0.0 <= self.qdrop < 1.0:
+        if self.qdrop is not None and not 0.0 <= self.qdrop < 1.0:
             raise Sub8Error(f"adaquant.qdrop (--qdrop) must be in [0, 1), got {self.qdrop}")
         if self.max_memory_gb <= 0:
             raise Sub8Error(f"adaquant.max_memory_gb (--max-memory) must be positive, got {self.max_memory_gb}")
+
+    def resolve(self, device, traced: bool) -> "AdaQuantConfig":
+        """The settings a run on `device` uses: the budget's numbers where none were given, the
+        mode (auto: sequential), the units (auto: blocks where sequential and traced) and QDrop's
+        probability (blocks: BLOCK_QDROP). What report.json records."""
+        budget = self.budget if self.budget != "auto" else ("full" if torch.device(device).type == "cuda" else "cpu")
+        given = {k: v for k, v in BUDGETS[budget].items() if getattr(self, k) is None}
+        mode = "sequential" if self.mode == "auto" else self.mode
+        units = self.reconstruct
+        if units == "auto":
+            units = "block" if traced and mode == "sequential" else "layer"
+        qdrop = self.qdrop
+        if qdrop is None:
+            qdrop = BLOCK_QDROP if units == "block" and mode == "sequential" else 0.0
+        return replace(self, budget=budget, mode=mode, reconstruct=units, qdrop=qdrop, **given)
 
     @property
     def beyond_layers(self) -> bool:
@@ -382,9 +417,7 @@ def adaquant(prepared: PreparedModel, calib: torch.Tensor, cfg: AdaQuantConfig |
     saved by an interrupted run is loaded instead of optimized again. `output_loss` (kl or mse)
     is the model output's loss that Fisher weights (`cfg.loss == "fisher"`) stand for. In
     parallel mode the groups are independent work items for `executor` (default: in-process)."""
-    cfg = cfg or AdaQuantConfig()
-    if cfg.mode == "auto":  # a run at the model's own bits: the better mode
-        cfg = replace(cfg, mode="sequential")
+    cfg = (cfg or AdaQuantConfig()).resolve(calib.device, isinstance(prepared.module, torch.fx.GraphModule))
     torch.set_flush_denormal(True)  # Adam's second moments decay into denormals: 20x slower on CPU
     try:
         with reuse_freed_memory():
