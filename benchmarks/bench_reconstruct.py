@@ -6,7 +6,10 @@ process's peak RSS of each on torchvision ResNet-50 with random weights.
         [--configs layer,block,block+learned,block+qdrop,block+learned+qdrop] [--iters 100]
     python benchmarks/bench_reconstruct.py --memory [--samples 512] [--max-memory 4]
 
-A config is `layer` or `block`, with `+learned` (AdaRound's rounding) and `+qdrop` (p = 0.5).
+A config is `layer` or `block`, with `+learned` (AdaRound's rounding) and `+qdrop` (p = 0.5);
+`mixed+CONFIG` allocates W8A8/W4A8/W4A4/W2A4 per layer by integer programming at the BOPs of the
+uniform width (parallel AdaQuant candidates, sensitivities on --sensitivity-samples photos), then
+fits the mix with CONFIG.
 All at the CPU setting (sequential, mini-batch 16, relative rates 1e-2 for the weights and 1e-1
 for the input steps); first and last layers at 8 bits. Prints a table (mean and spread over the
 seeds); writes benchmarks/results/reconstruct.json (--memory: reconstruct_memory.json).
@@ -34,7 +37,7 @@ METRICS = ("top1_agreement_confident", "top1_agreement", "kl")
 
 
 def settings(config: str, iters: int) -> dict:
-    unit, *extras = config.split("+")
+    unit, *extras = config.removeprefix("mixed+").split("+")
     unknown = set(extras) - {"learned", "qdrop"}
     if unit not in ("layer", "block") or unknown:
         raise SystemExit(f"unknown config {config!r}: layer|block, then +learned and/or +qdrop")
@@ -63,13 +66,15 @@ def quality(args) -> int:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 qc = QuantConfig(w_bits=w, a_bits=a, pipeline="adaquant", cache_dir=None, seed=seed,
                                  device=args.device, adaquant=settings(config, args.iters))
+                if config.startswith("mixed+"):
+                    qc = mixed(qc, model, calib, args.sensitivity_samples)
                 start = time.perf_counter()
                 result = quantize(model, calib, qc)
                 seconds = time.perf_counter() - start
                 metrics = compare(float_logits, predict(result.module, evals, 64, args.device))
                 rows.append({"bits": bits, "config": config, "seed": seed, "seconds": seconds,
                              "metrics": {k: metrics[k] for k in (*METRICS, "n_confident")},
-                             "adaquant": result.report.get("adaquant")})
+                             "adaquant": result.report.get("adaquant"), "allocate": result.report.get("allocate")})
                 print(f"{bits:<6} {config:<22} {seed:>4} {metrics['top1_agreement_confident']:9.3f} "
                       f"{metrics['top1_agreement']:6.3f} {metrics['kl']:7.3f} {seconds / 60:7.1f}", flush=True)
                 write_result(args.name, {"model": args.model, "device": args.device, "n_calib": len(calib), "n_eval": len(evals),
@@ -79,6 +84,19 @@ def quality(args) -> int:
         print(f"{s['bits']:<6} {s['config']:<22} conf {s['conf_mean']:.3f} ({s['conf_min']:.3f}-{s['conf_max']:.3f}) "
               f"KL {s['kl_mean']:.3f} minutes {s['minutes_mean']:.1f}")
     return 0
+
+
+def mixed(uniform: QuantConfig, model, calib, sensitivity_samples: int) -> QuantConfig:
+    """The allocation run at the uniform config's BOPs (first and last layers as there)."""
+    from dataclasses import replace
+
+    from sub8 import prepare
+    from sub8.allocate.costs import bops
+
+    layers = prepare(model, calib[:1], uniform).layers
+    ratio = sum(bops(i.macs, (i.w_bits, i.a_bits)) for i in layers) / sum(bops(i.macs, (None, None)) for i in layers)
+    return replace(uniform, steps=("ranges", "adaquant", "allocate", "adaquant_sequential"),
+                   allocation=replace(uniform.allocation, bops_ratio=ratio, sensitivity_samples=sensitivity_samples))
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -139,6 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--sensitivity-samples", type=int, default=64, help="mixed+: photos for the sensitivities")
     ap.add_argument("--memory", action="store_true", help="peak RSS on ResNet-50 instead of quality")
     ap.add_argument("--max-memory", type=float, default=4.0)
     ap.add_argument("--name", default="reconstruct", help="benchmarks/results/NAME.json")

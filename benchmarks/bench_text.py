@@ -10,7 +10,8 @@ W4A8, W4A4; first and last Linear at 8 bits) and each pipeline it prints the tes
 through the frozen head and the mean cosine between float and quantized embeddings. The
 precision is uniform, so the pipelines run without their bit-allocation step: rtn = ranges;
 light = ranges, bn_tuning (a no-op here: no BatchNorm), bias_tuning; advanced = ranges,
-parallel AdaQuant, sequential AdaQuant, bn_tuning, bias_tuning. Writes the rows as JSON (default benchmarks/results/text.json).
+parallel AdaQuant, sequential AdaQuant, bn_tuning, bias_tuning; layer = ranges, sequential
+layer-wise AdaQuant; block = ranges, sequential block reconstruction with QDrop. Writes the rows as JSON (default benchmarks/results/text.json).
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ from sub8.zoo import load_model  # noqa: E402
 
 CLASSES = ("negative", "neutral", "positive")
 PIPELINES = {"rtn": ("ranges",), "light": ("ranges", "bn_tuning", "bias_tuning"),
-             "advanced": ("ranges", "adaquant", "adaquant_sequential", "bn_tuning", "bias_tuning")}
+             "advanced": ("ranges", "adaquant", "adaquant_sequential", "bn_tuning", "bias_tuning"),
+             "layer": ("ranges", "adaquant"), "block": ("ranges", "adaquant")}
+# The AdaQuant settings of the two sequential pipelines: the paper's layer-wise fit, and
+# transformer layers fitted whole with QDrop (calibrate/calls.py).
+UNITS = {"layer": {"mode": "sequential", "reconstruct": "layer", "qdrop": 0.0},
+         "block": {"mode": "sequential", "reconstruct": "block"}}
 
 
 def tweets_path() -> str:
@@ -78,7 +84,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--precisions", default="W8A8,W4A8,W4A4")
     ap.add_argument("--pipelines", default="rtn,light,advanced")
-    ap.add_argument("--iters", type=int, default=1000, help="AdaQuant iterations per layer")
+    ap.add_argument("--iters", type=int, default=None, help="AdaQuant iterations per layer or block "
+                    "(default: --budget's)")
+    ap.add_argument("--budget", default="auto", help="AdaQuant's budget: auto, cpu or full")
     ap.add_argument("--bias-iters", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "text.json"))
@@ -102,7 +110,8 @@ def main(argv=None) -> int:
         w, a = (int(v) for v in precision[1:].split("A"))
         for pipeline in args.pipelines.split(","):
             config = QuantConfig(w_bits=w, a_bits=a, steps=PIPELINES[pipeline], seed=args.seed,
-                                 adaquant={"iters": args.iters}, bias_tuning={"iters": args.bias_iters})
+                                 adaquant={"iters": args.iters, "budget": args.budget, **UNITS.get(pipeline, {})},
+                                 bias_tuning={"iters": args.bias_iters})
             start = time.perf_counter()
             qm = quantize(loaded.module, tokens["calib"], config)
             seconds = time.perf_counter() - start

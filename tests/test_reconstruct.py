@@ -124,12 +124,12 @@ def spy_on_fits(monkeypatch, at_iteration):
     seen = []
     original = rc.fit_unit
 
-    def fit(module, steps, weights, biases, xs_q, xs_f, *args, **kw):
+    def fit(module, variables, xs_q, xs_f, *args, **kw):
         def on_batch(it, idx, mixed):
             if it == at_iteration:
                 seen.append((idx.clone(), [x[idx].float() for x in xs_q], [f[idx].float() for f in xs_f],
                              [(m.clone(), k.clone()) for m, k in mixed]))
-        return original(module, steps, weights, biases, xs_q, xs_f, *args, on_batch=on_batch, **kw)
+        return original(module, variables, xs_q, xs_f, *args, on_batch=on_batch, **kw)
 
     monkeypatch.setattr(rc, "fit_unit", fit)
     return seen
@@ -223,25 +223,68 @@ def test_interrupted_reconstruction_resumes_after_the_last_finished_unit(monkeyp
             assert torch.equal(v, resumed.module.state_dict()[k]), k
 
 
-def test_untraced_models_are_refused_with_a_way_forward():
-    class Untraced(nn.Module):
-        sub8_traceable = False
+class Residual(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
 
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
+    def forward(self, x, scale=1.0):
+        return x + self.fc2(torch.relu(self.fc1(x))) * scale
 
-        def forward(self, x):
-            return self.fc(x)
 
-    x = torch.rand(20, 4)
-    p = rtn(Untraced(), x)
-    with pytest.raises(Sub8Error, match="layer-wise AdaQuant"):
-        adaquant(p, x, AdaQuantConfig(mode="sequential", iters=2, reconstruct="block"), show_progress=False)
-    # the defaults fall back to the paper's layer-wise AdaQuant there
-    record = adaquant(p, x, AdaQuantConfig(mode="sequential", iters=2), show_progress=False)
-    assert record["settings"]["reconstruct"] == "layer" and record["settings"]["qdrop"] == 0.0
-    assert "units" not in record and [r["name"] for r in record["layers"]] == ["fc"]
+class UntracedStack(nn.Module):
+    """Runs without a graph (as transformers models do); its blocks take a keyword argument."""
+    sub8_traceable = False
+
+    def __init__(self, blocks=2):
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([Residual(16) for _ in range(blocks)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h, scale=0.5)
+        return self.head(torch.relu(h))
+
+
+def test_untraced_one_layer_units_match_layerwise_adaquant():
+    """Without a graph, a unit is a module call: with one layer per unit, the recorded calls
+    give what layer-wise AdaQuant's captured inputs give."""
+    torch.manual_seed(0)
+    model, x = UntracedStack(blocks=1).eval(), torch.randn(40, 8)
+    cfg = dict(mode="sequential", iters=25, batch_size=8, lr_weight=1e-2, lr_input_quant=1e-1, qdrop=0.0)
+    layerwise, blockwise = rtn(model, x), rtn(model, x)
+    adaquant(layerwise, x, AdaQuantConfig(**cfg, reconstruct="layer"), show_progress=False)
+    record = adaquant(blockwise, x, AdaQuantConfig(**cfg, reconstruct="block"), show_progress=False)
+    assert names_of(record) == [(n, "layer") for n in ("inp", "blocks.0.fc1", "blocks.0.fc2", "head")]
+    a, b = layerwise.module.state_dict(), blockwise.module.state_dict()
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.allclose(v, b[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_untraced_blocks_are_fitted_on_their_calls():
+    torch.manual_seed(0)
+    model, x = UntracedStack().eval(), torch.randn(48, 8)
+    p = rtn(model, x)
+    before = p.module(x)
+    record = adaquant(p, x, AdaQuantConfig(mode="sequential", iters=40, batch_size=8, reconstruct="block", qdrop=0.5),
+                      show_progress=False)
+    assert names_of(record) == [("inp", "layer"), ("blocks.0", "block"), ("blocks.1", "block"), ("head", "layer")]
+    for u in record["layers"]:  # the objective: the Fisher-weighted error
+        assert u["heldout_fisher_after"] < u["heldout_fisher_before"], u["name"]
+    with torch.no_grad():
+        reference, after = model(x), p.module(x)
+    assert (after - reference).square().mean() < (before - reference).square().mean()
+    # the defaults fit blocks there too
+    assert adaquant(rtn(model, x), x, AdaQuantConfig(mode="sequential", iters=2),
+                    show_progress=False)["settings"]["reconstruct"] == "block"
+
+
+def names_of(record):
+    return [(u["name"], u["kind"]) for u in record["units"]]
 
 
 def test_advanced_pipeline_reconstructs_blocks_after_allocation(tmp_path):

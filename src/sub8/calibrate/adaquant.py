@@ -99,11 +99,11 @@ class AdaQuantConfig:
     # Past the paper (calibrate/reconstruct.py): BRECQ's blocks, AdaRound's learned rounding and
     # QDrop's activation dropping; sequential runs only (parallel runs stay per layer). Blocks
     # with QDrop beat layer-wise AdaQuant at W4A4 on every seed measured, in less time
-    # (benchmarks/results/reconstruct_seeds.json), hence auto.
+    # (benchmarks/results/reconstruct_seeds.json; MiniLM: reconstruct_text.json), hence auto.
     reconstruct: str = setting("auto", flag="--reconstruct", choices=RECONSTRUCT_UNITS,
                                help="fit each layer alone, or each block (an inverted residual, a residual "
                                     "block, a transformer layer) as a whole on its output; auto: blocks in a "
-                                    "sequential run of a model torch.fx traces, else layers")
+                                    "sequential run, layers in a parallel one")
     rounding: str = setting("free", flag="--rounding", choices=ROUNDINGS,
                             help="weights free to move (AdaQuant), or each rounded up or down by a learned "
                                  "choice (AdaRound)")
@@ -143,16 +143,16 @@ class AdaQuantConfig:
         if self.max_memory_gb <= 0:
             raise Sub8Error(f"adaquant.max_memory_gb (--max-memory) must be positive, got {self.max_memory_gb}")
 
-    def resolve(self, device, traced: bool) -> "AdaQuantConfig":
+    def resolve(self, device) -> "AdaQuantConfig":
         """The settings a run on `device` uses: the budget's numbers where none were given, the
-        mode (auto: sequential), the units (auto: blocks where sequential and traced) and QDrop's
+        mode (auto: sequential), the units (auto: blocks where sequential) and QDrop's
         probability (blocks: BLOCK_QDROP). What report.json records."""
         budget = self.budget if self.budget != "auto" else ("full" if torch.device(device).type == "cuda" else "cpu")
         given = {k: v for k, v in BUDGETS[budget].items() if getattr(self, k) is None}
         mode = "sequential" if self.mode == "auto" else self.mode
         units = self.reconstruct
         if units == "auto":
-            units = "block" if traced and mode == "sequential" else "layer"
+            units = "block" if mode == "sequential" else "layer"
         qdrop = self.qdrop
         if qdrop is None:
             qdrop = BLOCK_QDROP if units == "block" and mode == "sequential" else 0.0
@@ -417,7 +417,7 @@ def adaquant(prepared: PreparedModel, calib: torch.Tensor, cfg: AdaQuantConfig |
     saved by an interrupted run is loaded instead of optimized again. `output_loss` (kl or mse)
     is the model output's loss that Fisher weights (`cfg.loss == "fisher"`) stand for. In
     parallel mode the groups are independent work items for `executor` (default: in-process)."""
-    cfg = (cfg or AdaQuantConfig()).resolve(calib.device, isinstance(prepared.module, torch.fx.GraphModule))
+    cfg = (cfg or AdaQuantConfig()).resolve(calib.device)
     torch.set_flush_denormal(True)  # Adam's second moments decay into denormals: 20x slower on CPU
     try:
         with reuse_freed_memory():

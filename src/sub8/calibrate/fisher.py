@@ -55,7 +55,7 @@ def tapped_copy(module: nn.Module, names: list[str], followed: dict, seen: list,
     if not isinstance(module, fx.GraphModule):  # no graph: no activation is known to follow
         for name in names:
             tap = GradTap(name, seen)
-            module.get_submodule(name).register_forward_hook(lambda m, args, out, tap=tap: tap(out))
+            module.get_submodule(name).register_forward_hook(lambda m, args, out, tap=tap: _tap_first(tap, out))
         return module
     graph = module.graph
     nodes = {n.target: n for n in graph.nodes if n.op == "call_module"}
@@ -71,6 +71,13 @@ def tapped_copy(module: nn.Module, names: list[str], followed: dict, seen: list,
         node.replace_all_uses_with(tap, delete_user_cb=lambda user: user is not tap)
     module.recompile()
     return module
+
+
+def _tap_first(tap: GradTap, out):
+    """Tap a module's output, or the first of the outputs it returns (a transformer layer's)."""
+    if isinstance(out, tuple):
+        return (tap(out[0]), *out[1:])
+    return tap(out)
 
 
 def output_direction(kind: str, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -6,13 +6,12 @@ ReLU) is fitted whole: its layers' weights (free, as AdaQuant's, or each rounded
 a learned choice), their biases and every quantizer step inside it, so that the unit's output
 on the quantized model's inputs matches the float unit's output on the float inputs. The loss
 is that output's squared error, each element weighted by the output loss's Fisher diagonal
-there (fisher.py, BRECQ's choice), or plain. Units run in graph order, each on the inputs that
+there (fisher.py, BRECQ's choice), or plain. Units run in model order, each on the inputs that
 the already-fitted units before it produce; in parallel mode (bit allocation's candidates,
 where a layer must not depend on the others' bits) every unit is one layer on float inputs.
-
-Learned rounding: a weight ends on one of its two neighbouring grid points, floor(W/s) + h(V)
-with h a stretched sigmoid clipped to [0, 1]; after a warm-up a regularizer whose exponent
-anneals from 20 to 2 pushes every h to 0 or 1, and the end rounds h at 1/2.
+What is fitted: variables.py. Where a unit's inputs come from: a traced model's graph
+(GraphUnits), or, in a model without one, the recorded arguments of the unit's module call
+(CallUnits, calls.py: a transformer layer).
 
 QDrop: while a unit is fitted, each of its activation quantizers passes its float input instead,
 element by element, with probability p; and the unit's input comes from the float model's cache
@@ -33,149 +32,20 @@ from .. import progress
 from ..errors import Sub8Error
 from ..prepare import PreparedModel
 from ..prepare.blocks import Unit, find_units
-from ..quant.layers import QuantInput, QuantLayer, float_mode, module_state
+from ..quant.layers import float_mode, module_state
 from ..quant.quantizer import Quantizer
 from .adam import MultiTensorAdam
 from .adaquant import LR_SCALE, BatchBuffers, plan_groups, reconstruction_grad
+from .calls import CallRecord, CallUnit, padded, quantized_modules, record_call, token_weights
 from .fisher import fisher_weights
 from .split import holdout_split
-
-ZETA, GAMMA = 1.1, -0.1     # AdaRound's stretch of the sigmoid, so that h reaches 0 and 1
-WARMUP = 0.2                # share of the iterations before the rounding regularizer starts
-BETA = (20.0, 2.0)          # the regularizer's exponent, annealed from the first to the second
-
+from .variables import LearnedRounding, UnitVariables, beta_at, random_mask
 
 def mix_inputs(x_q: torch.Tensor, x_f: torch.Tensor, p: float, generator: torch.Generator):
     """QDrop's unit input: the float model's value where the mask (probability p) is set, the
     quantized model's elsewhere. Returns (mixed, mask)."""
     mask = random_mask(x_q, p, generator)
     return torch.where(mask, x_f, x_q), mask
-
-
-def random_mask(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """True with probability p per element, in x's memory layout (a channels-last mask keeps the
-    mixed tensor channels-last, and the convolutions after it on their fast path)."""
-    return torch.empty_like(x, dtype=torch.float32).uniform_(generator=generator) < p
-
-
-def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-
-
-def beta_at(it: int, iters: int) -> float | None:
-    """The regularizer's exponent at iteration `it`, None during the warm-up."""
-    t = it / max(iters, 1)
-    if t < WARMUP:
-        return None
-    rel = (t - WARMUP) / (1 - WARMUP)
-    return BETA[1] + (BETA[0] - BETA[1]) * max(0.0, 1.0 - rel)
-
-
-# -- the free variables ---------------------------------------------------------------------
-class StepVariable:
-    """A quantizer's step, in log space (a relative rate, as AdaQuant's), its zero point when it
-    has one, and QDrop's dropping while the unit is fitted."""
-
-    def __init__(self, q: Quantizer, lr: float):
-        self.q = q
-        self.step0 = q.step.detach().clone()
-        self.u = torch.zeros_like(q.step)
-        self.params, self.lrs, self.zero_points = [self.u], [lr], []
-        if not q.symmetric:
-            self.params.append(q.zero_point)
-            self.lrs.append(lr)
-            self.zero_points.append((q.zero_point, q.qmin, q.qmax))
-        self.drop = 0.0
-        self.generator: torch.Generator | None = None
-
-    def step(self) -> torch.Tensor:
-        return self.step0 * torch.exp(self.u)
-
-    def __call__(self, x: torch.Tensor, overwrite_grad: bool = False) -> torch.Tensor:
-        # (with dropping, the quantized value feeds torch.where, not only the layer)
-        out = self.q.fake_quant(x, self.step(), overwrite_grad=overwrite_grad and not self.drop)
-        if self.drop:
-            out = torch.where(random_mask(x, self.drop, self.generator), x, out)
-        return out
-
-    @torch.no_grad()
-    def finish(self) -> None:
-        self.q.step.copy_(self.step())
-
-
-class FreeWeights:
-    """AdaQuant's weights: free, in units of their channel's initial grid step."""
-
-    def __init__(self, layer: QuantLayer, lr: float, steps: StepVariable):
-        w = layer.layer.weight
-        self.layer, self.steps = layer, steps
-        self.grid = steps.step0.view(-1, *[1] * (w.dim() - 1))
-        self.weight = (w.detach() / self.grid).clone()
-        self.params, self.lrs = [self.weight], [lr]
-
-    def __call__(self) -> torch.Tensor:
-        return self.steps.q.fake_quant(self.weight * self.grid, self.steps.step())
-
-    @torch.no_grad()
-    def finish(self) -> None:
-        self.layer.layer.weight.copy_(self.weight * self.grid)
-
-
-class LearnedRounding:
-    """AdaRound's weights: each code is floor(W/s0) + h(V), V learned; s0 the initial step."""
-
-    def __init__(self, layer: QuantLayer, lr: float, steps: StepVariable):
-        w = layer.layer.weight.detach()
-        q = steps.q
-        self.layer, self.steps = layer, steps
-        self.shape = (-1, *[1] * (w.dim() - 1))
-        scaled = w / steps.step0.view(self.shape)
-        self.base = torch.floor(scaled)
-        rest = scaled - self.base  # h(V) starts at it: the float weight
-        self.v = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
-        self.zero = torch.round(q.zero_point.detach()).view(self.shape)
-        self.qmin, self.qmax = q.qmin, q.qmax
-        self.params, self.lrs = [self.v], [lr]
-
-    def codes(self, hard: bool = False) -> torch.Tensor:
-        h = (self.v >= 0).to(self.base.dtype) if hard else rectified_sigmoid(self.v)
-        return torch.clamp(self.base + h + self.zero, self.qmin, self.qmax)
-
-    def __call__(self) -> torch.Tensor:
-        return (self.codes() - self.zero) * self.steps.step().view(self.shape)
-
-    def regularizer(self, beta: float) -> torch.Tensor:
-        return (1 - (2 * rectified_sigmoid(self.v) - 1).abs().pow(beta)).sum()
-
-    @torch.no_grad()
-    def finish(self) -> None:
-        # A float weight on the chosen grid point: the layer's quantizer gives back the code.
-        self.layer.layer.weight.copy_((self.codes(hard=True) - self.zero) * self.steps.step().view(self.shape))
-
-
-class VariableLayer(nn.Module):
-    """A QuantLayer's computation with the variables being fitted."""
-
-    def __init__(self, layer: QuantLayer, weights, steps: StepVariable | None):
-        super().__init__()
-        self.__dict__.update(wrapped=layer, weights=weights, steps=steps)  # not submodules
-
-    def forward(self, x):
-        if self.steps is not None:
-            x = self.steps(x, overwrite_grad=True)
-        w = self.weights() if self.weights is not None else self.wrapped.quantized_weight()
-        return self.wrapped.apply(x, w, self.wrapped.layer.bias)
-
-
-class VariableSite(nn.Module):
-    """A quantizer outside a layer (a junction, an attention operand) with its step being fitted."""
-
-    def __init__(self, steps: StepVariable):
-        super().__init__()
-        self.__dict__["steps"] = steps
-
-    def forward(self, x):
-        return self.steps(x)
 
 
 # -- graph pieces ------------------------------------------------------------------------------
@@ -299,64 +169,179 @@ class Frontier:
         self.pos = upto
 
 
-# -- fitting one unit ------------------------------------------------------------------------
-def unit_variables(gm: fx.GraphModule, unit: Unit, view: GraphView, cfg):
-    """Stand-ins for the unit's layers and quantizer sites ({target: module}); per layer with
-    quantized weights (its weights, its bias, the bias's rate); the steps; the weights."""
-    steps: dict[int, StepVariable] = {}
+# -- where units come from -------------------------------------------------------------------
+class GraphUnits:
+    """The units of a traced model: each a subgraph, its inputs cached by advancing a frontier
+    through the graph (or, past a value that is not per sample, from the model's input)."""
 
-    def step_of(q: Quantizer, lr: float) -> StepVariable | None:
-        if not q.enabled:
-            return None
-        if id(q) not in steps:
-            steps[id(q)] = StepVariable(q, lr)
-        return steps[id(q)]
+    def __init__(self, prepared: PreparedModel, calib: torch.Tensor, cfg, block: bool, forward_batch: int,
+                 dtype: torch.dtype):
+        self.prepared, self.calib, self.batch, self.dtype = prepared, calib, forward_batch, dtype
+        self.gm = prepared.module
+        self.view, self.ref_view = GraphView(self.gm), GraphView(prepared.reference)
+        layers = prepared.quant_layers()
+        self.units = [u for u in find_units(self.gm, prepared.layers, block=block)
+                      if any(layers[k].weight_quantizer.enabled for k in u.layers)]
+        self.frontiers = {"q": Frontier(self.view, calib, forward_batch, dtype, float_model=False),
+                          "f": Frontier(self.ref_view, calib, forward_batch, dtype, float_model=True)}
 
-    stand_ins, weights = {}, []
-    for name in unit.nodes:
-        node = view.by_name[name]
-        if node.op != "call_module":
-            continue
-        m = gm.get_submodule(node.target)
-        if isinstance(m, QuantLayer):
-            ws = step_of(m.weight_quantizer, cfg.lr_weight_quant)
-            kind = LearnedRounding if cfg.rounding == "learned" else FreeWeights
-            w = kind(m, cfg.lr_rounding if cfg.rounding == "learned" else cfg.lr_weight, ws) if ws else None
-            stand_ins[node.target] = VariableLayer(m, w, step_of(m.input_quantizer, cfg.lr_input_quant))
-            weights += [w] if w else []
-        elif isinstance(m, (QuantInput, Quantizer)):
-            q = m.input_quantizer if isinstance(m, QuantInput) else m
-            s = step_of(q, cfg.lr_input_quant)
-            if s is not None:
-                stand_ins[node.target] = VariableSite(s)
-    biases = [(s.weights, s.wrapped.layer.bias, cfg.lr_bias) for s in stand_ins.values()
-              if isinstance(s, VariableLayer) and s.weights is not None]
-    return stand_ins, biases, list(steps.values()), weights
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        """Per unit: the elements per sample of its inputs and of its output."""
+        probe = sorted({n for u in self.units for n in (*u.inputs, u.output)},
+                       key=lambda n: self.view.order[self.view.by_name[n]])
+        with float_mode(self.prepared.reference):
+            got = {n: t[0].numel() for n, t in zip(probe, run_all(self.ref_view.prefix(probe), [self.calib[:1]], 1,
+                                                                     self.dtype))}
+        return {u.name: (sum(got[n] for n in u.inputs), got[u.output]) for u in self.units}
+
+    def values(self, kind: str, unit: Unit) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The unit's inputs (and, float model, its output) for every sample."""
+        v = self.view if kind == "q" else self.ref_view
+        frontier = self.frontiers.get(kind)
+        nodes = [v.by_name[n] for n in unit.nodes]
+        first, last = min(map(v.order.get, nodes)), max(map(v.order.get, nodes))
+        if frontier is not None and all(v.order[v.by_name[n]] < first for n in unit.inputs):
+            try:
+                frontier.advance(first)
+                xs = [frontier[n] for n in unit.inputs]
+                if kind == "q":
+                    return xs, None
+                frontier.advance(last + 1)
+                return xs, frontier[unit.output]
+            except NotPerSample:
+                self.frontiers.pop(kind)  # a shape crosses the boundary: from here on, from the model's input
+        names = unit.inputs + ([unit.output] if kind == "f" else [])
+        with float_mode(self.prepared.reference) if kind == "f" else contextlib.nullcontext():
+            out = run_all(v.prefix(names), [self.calib], self.batch, self.dtype)
+        return out[:len(unit.inputs)], (out[-1] if kind == "f" else None)
+
+    def cached(self) -> list[torch.Tensor]:
+        return [t for f in self.frontiers.values() for t in f.values.values()]
+
+    def module(self, unit: Unit, variables: UnitVariables | None = None) -> nn.Module:
+        return self.view.unit(unit, variables.stand_ins if variables else None)
+
+    def variables(self, unit: Unit, cfg) -> UnitVariables:
+        found = UnitVariables(cfg)
+        for name in unit.nodes:
+            node = self.view.by_name[name]
+            if node.op == "call_module":
+                found.add(node.target, self.gm.get_submodule(node.target))
+        return found
+
+    def owners(self, unit: Unit) -> list[str]:
+        """The modules whose state a checkpoint of the unit keeps."""
+        targets = {self.view.by_name[n].target for n in unit.nodes if self.view.by_name[n].op == "call_module"}
+        return [t for t in targets if any(isinstance(m, Quantizer) for m in self.gm.get_submodule(t).modules())]
+
+    def fisher(self, units: list[Unit], output_loss: str, cfg, seed: int) -> dict[str, torch.Tensor]:
+        at = {u.name: u.output for u in units}
+        return fisher_weights(self.prepared.reference, list(at), {}, self.calib, output_loss, cfg.fisher_draws,
+                              self.batch, seed, self.dtype, at=at)
+
+    def loss_weights(self, unit: Unit, fisher: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+        return fisher
+
+    def valid(self, unit: Unit, y: torch.Tensor) -> None:
+        return None
+
+
+class CallUnits:
+    """The units of a model without a graph (calls.py): each a module call, its arguments
+    recorded for every sample by running the model up to it (text: padding counts nowhere)."""
+
+    def __init__(self, prepared: PreparedModel, calib: torch.Tensor, cfg, block: bool, forward_batch: int,
+                 dtype: torch.dtype):
+        self.prepared, self.calib, self.batch, self.dtype = prepared, calib, forward_batch, dtype
+        self.model = prepared.module
+        layers = prepared.quant_layers()
+        self.units = [u for u in find_units(self.model, prepared.layers, block=block)
+                      if any(layers[k].weight_quantizer.enabled for k in u.layers)]
+        self.templates: dict[str, CallRecord] = {}
+        self.masks: dict[str, torch.Tensor | None] = {}
+
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        got = {}
+        with float_mode(self.prepared.reference):
+            for u in self.units:
+                r = record_call(self.prepared.reference, u.name, self.calib[:1], 1, self.dtype, True)
+                got[u.name] = (sum(t[0].numel() for t in r.tensors), r.output[0].numel())
+        return got
+
+    def values(self, kind: str, unit: Unit) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        model = self.model if kind == "q" else self.prepared.reference
+        with float_mode(model) if kind == "f" else contextlib.nullcontext():
+            r = record_call(model, unit.name, self.calib, self.batch, self.dtype, want_output=kind == "f")
+        self.templates[unit.name] = r.template()
+        if kind == "f":
+            self.masks[unit.name] = r.mask
+        return r.tensors, r.output
+
+    def cached(self) -> list[torch.Tensor]:
+        return []
+
+    def module(self, unit: Unit, variables: UnitVariables | None = None) -> nn.Module:
+        return CallUnit(self.model.get_submodule(unit.name), self.templates[unit.name],
+                        variables.stand_ins if variables else None)
+
+    def variables(self, unit: Unit, cfg) -> UnitVariables:
+        found = UnitVariables(cfg)
+        for path, m in quantized_modules(self.model.get_submodule(unit.name)).items():
+            found.add(path, m)
+        return found
+
+    def owners(self, unit: Unit) -> list[str]:
+        return [".".join(p for p in (unit.name, path) if p)
+                for path in quantized_modules(self.model.get_submodule(unit.name))]
+
+    def fisher(self, units: list[Unit], output_loss: str, cfg, seed: int) -> dict[str, torch.Tensor]:
+        return fisher_weights(self.prepared.reference, [u.name for u in units], {}, self.calib, output_loss,
+                              cfg.fisher_draws, self.batch, seed, self.dtype)
+
+    def loss_weights(self, unit: Unit, fisher: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
+        """Fisher weights in the output's padded layout, else the real tokens' (None: all count)."""
+        mask = self.masks.get(unit.name)
+        return padded(fisher, mask, y) if fisher is not None else token_weights(mask, y)
+
+    def valid(self, unit: Unit, y: torch.Tensor) -> torch.Tensor | None:
+        return token_weights(self.masks.get(unit.name), y)
 
 
 def unit_error(module: nn.Module, xs: list, y: torch.Tensor, w: torch.Tensor | None, rows: torch.Tensor,
-               batch: int) -> dict:
-    """The unit's output error on the given rows: plain MSE, and Fisher-weighted with weights."""
-    total, weighted = 0.0, 0.0
+               batch: int, valid: torch.Tensor | None = None) -> dict:
+    """The unit's output error on the given rows: the plain MSE (over the `valid` elements: real
+    tokens), and with weights the weighted one, a mean over the whole layout as the loss's (the
+    weights are 0 at padding and mean 1)."""
+    total, weighted, count = 0.0, 0.0, 0
     with torch.no_grad():
         for i in range(0, len(rows), batch):
             idx = rows[i:i + batch]
-            out = module(*[x[idx].float() for x in xs])[0]
+            out = module(*[as_input(x[idx]) for x in xs])[0]
             err = (out - y[idx].float()).square_()
+            if valid is not None:
+                keep = valid[idx] > 0
+                err.mul_(keep)
+                count += int(keep.sum())
             total += err.sum().item()
             if w is not None:
                 weighted += err.mul_(w[idx].float()).sum().item()
     n = len(rows) * y[0].numel()
-    return {"mse": total / n, **({"fisher": weighted / n} if w is not None else {})}
+    return {"mse": total / max(count if valid is not None else n, 1), **({"fisher": weighted / n} if w is not None else {})}
 
 
-def fit_unit(module: nn.Module, steps: list[StepVariable], weights: list, biases: list, xs_q: list, xs_f: list | None,
-             y: torch.Tensor, w: torch.Tensor | None, train: torch.Tensor, cfg, seed: int, on_batch=None) -> None:
+def as_input(t: torch.Tensor) -> torch.Tensor:
+    """A cached value as a unit's input: float32 if it is floating (the cache may be float16)."""
+    return t.float() if t.is_floating_point() else t
+
+
+def fit_unit(module: nn.Module, variables: UnitVariables, xs_q: list, xs_f: list | None, y: torch.Tensor,
+             w: torch.Tensor | None, train: torch.Tensor, cfg, seed: int, on_batch=None) -> None:
     """Adam over the unit's variables on its output's (weighted) squared error. The mini-batches
     come from the generator seeded with `seed` (the unit's first layer's, as in AdaQuant), QDrop's
     masks from their own, so dropping does not change which samples are drawn."""
+    steps, weights = variables.steps, variables.weights
     params, lrs = [], []
-    for weight, bias, lr_bias in biases:  # per layer: weights, bias, then the steps (AdaQuant's order)
+    for weight, bias, lr_bias in variables.biases:  # per layer: weights, bias, then the steps (AdaQuant's order)
         params += weight.params
         lrs += weight.lrs
         params.append(bias)
@@ -415,110 +400,78 @@ def fit_unit(module: nn.Module, steps: list[StepVariable], weights: list, biases
         p.grad = None
 
 
+
+
 # -- the step --------------------------------------------------------------------------------
 def reconstruct(prepared: PreparedModel, calib: torch.Tensor, cfg, forward_batch: int = 32, seed: int = 0,
                 show_progress: bool = True, checkpoints=None, output_loss: str = "kl") -> dict:
-    """Fit every unit that holds a layer with quantized weights, in graph order. Returns the
+    """Fit every unit that holds a layer with quantized weights, in model order. Returns the
     record for report.json: the settings, the units and each unit's held-out error before and
     after. With `checkpoints`, each finished unit is saved and one saved by an interrupted run
     of the same command is loaded instead of fitted again."""
-    gm = prepared.module
-    if not isinstance(gm, fx.GraphModule):
-        raise Sub8Error("--reconstruct block, --rounding learned and --qdrop need a model that torch.fx "
-                        "traces; this one runs without a graph: use layer-wise AdaQuant (the defaults)")
     sequential = cfg.mode == "sequential"
-    layers = prepared.quant_layers()
-    units = [u for u in find_units(gm, prepared.layers, block=sequential and cfg.reconstruct == "block")
-             if any(layers[k].weight_quantizer.enabled for k in u.layers)]
+    dtype = torch.float16 if cfg.cache_fp16 else torch.float32
+    kind = GraphUnits if isinstance(prepared.module, fx.GraphModule) else CallUnits
+    source = kind(prepared, calib, cfg, sequential and cfg.reconstruct == "block", forward_batch, dtype)
+    units = source.units
     position = {i.name: k for k, i in enumerate(prepared.layers)}
-    view, ref_view = GraphView(gm), GraphView(prepared.reference)
     train, held = holdout_split(len(calib), cfg.holdout, seed, "AdaQuant")
     train, held = train.to(calib.device), held.to(calib.device)
-    dtype = torch.float16 if cfg.cache_fp16 else torch.float32
     float_inputs = cfg.qdrop > 0 or not sequential
 
     # Cache bytes per unit: its inputs (quantized, and float for QDrop), its target and weights.
-    probe = sorted({n for u in units for n in (*u.inputs, u.output)}, key=lambda n: view.order[view.by_name[n]])
-    with float_mode(prepared.reference):
-        sizes = {n: t[0].numel() for n, t in zip(probe, run_all(ref_view.prefix(probe), [calib[:1]], 1, dtype))}
     elem = 2 if cfg.cache_fp16 else 4
-    cost = {u.name: len(calib) * elem * (sum(sizes[n] for n in u.inputs) * (2 if float_inputs else 1)
-                                         + sizes[u.output] * (2 if cfg.weighted else 1)) for u in units}
+    cost = {name: len(calib) * elem * (inputs * (2 if float_inputs else 1) + output * (2 if cfg.weighted else 1))
+            for name, (inputs, output) in source.sizes().items()}
     groups = plan_groups([u.name for u in units], cost, int(cfg.max_memory_gb * 2 ** 30))
     by_name = {u.name: u for u in units}
-
-    frontiers = {"q": Frontier(view, calib, forward_batch, dtype, float_model=False),
-                 "f": Frontier(ref_view, calib, forward_batch, dtype, float_model=True)}
-
-    def values(kind: str, unit: Unit) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The unit's inputs (and, float model, its output) for every sample."""
-        v = view if kind == "q" else ref_view
-        frontier = frontiers.get(kind)
-        nodes = [v.by_name[n] for n in unit.nodes]
-        first, last = min(map(v.order.get, nodes)), max(map(v.order.get, nodes))
-        if frontier is not None and all(v.order[v.by_name[n]] < first for n in unit.inputs):
-            try:
-                frontier.advance(first)
-                xs = [frontier[n] for n in unit.inputs]
-                if kind == "q":
-                    return xs, None
-                frontier.advance(last + 1)
-                return xs, frontier[unit.output]
-            except NotPerSample:
-                frontiers.pop(kind)  # a shape crosses the boundary: from here on, from the model's input
-        names = unit.inputs + ([unit.output] if kind == "f" else [])
-        with float_mode(prepared.reference) if kind == "f" else contextlib.nullcontext():
-            out = run_all(v.prefix(names), [calib], forward_batch, dtype)
-        return out[:len(unit.inputs)], (out[-1] if kind == "f" else None)
 
     bar = progress.bar(len(units) * cfg.iters, f"reconstruct ({cfg.reconstruct}, {cfg.rounding} rounding"
                        f"{f', qdrop {cfg.qdrop:g}' if cfg.qdrop else ''})" if show_progress else None, "it")
     records, resumed, peak, optimize_seconds, index = [], 0, 0, 0.0, 0
     for group in groups:
-        loss_weights = None  # the group's Fisher weights, from one float pass when a unit needs them
+        fisher = None  # the group's Fisher weights, from one float pass when a unit needs them
         for unit in (by_name[n] for n in group):
             saved = None if checkpoints is None else checkpoints.load("unit", index, unit.name, unit.layers)
             index += 1
             if saved is not None:  # fitted by an interrupted run of the same command
                 for target, state in saved["states"].items():
-                    gm.get_submodule(target).load_state_dict(state)
+                    prepared.module.get_submodule(target).load_state_dict(state)
                 records.append(saved["record"])
                 resumed += 1
                 bar.update(cfg.iters)
                 continue
             start = time.perf_counter()
-            xs_f, y = values("f", unit)
-            xs_q = values("q", unit)[0] if sequential else xs_f
+            xs_f, y = source.values("f", unit)
+            xs_q = source.values("q", unit)[0] if sequential else xs_f
             xs_f = xs_f if float_inputs else None
-            if cfg.weighted and loss_weights is None:
-                at = {by_name[n].name: by_name[n].output for n in group}
-                loss_weights = fisher_weights(prepared.reference, list(at), {}, calib, output_loss, cfg.fisher_draws,
-                                              forward_batch, seed, dtype, at=at)
-            w = loss_weights.pop(unit.name) if cfg.weighted else None
+            if cfg.weighted and fisher is None:
+                fisher = source.fisher([by_name[n] for n in group], output_loss, cfg, seed)
+            w = source.loss_weights(unit, fisher.pop(unit.name) if cfg.weighted else None, y)
+            valid = source.valid(unit, y)
             peak = max(peak, _nbytes(xs_q, [y], [w] if w is not None else [], xs_f or [],
-                                     (loss_weights or {}).values(), *(f.values.values() for f in frontiers.values())))
-            real = view.unit(unit)
-            before = unit_error(real, xs_q, y, w, held, forward_batch)
-            stand_ins, biases, steps, weights = unit_variables(gm, unit, view, cfg)
+                                     (fisher or {}).values(), source.cached()))
+            real = source.module(unit)
+            before = unit_error(real, xs_q, y, w, held, forward_batch, valid)
+            variables = source.variables(unit, cfg)
             started = time.perf_counter()
-            fit_unit(view.unit(unit, stand_ins), steps, weights, biases, xs_q, xs_f, y, w, train, cfg,
+            fit_unit(source.module(unit, variables), variables, xs_q, xs_f, y, w, train, cfg,
                      seed * 100_003 + position[unit.layers[0]])
             optimize_seconds += time.perf_counter() - started
-            after = unit_error(real, xs_q, y, w, held, forward_batch)
+            after = unit_error(real, xs_q, y, w, held, forward_batch, valid)
             record = {"name": unit.name, "kind": unit.kind, "layers": unit.layers,
                       **{f"heldout_{e}_before": v for e, v in before.items()},
                       **{f"heldout_{e}_after": v for e, v in after.items()},
                       "seconds": time.perf_counter() - start}
-            if weights and cfg.rounding == "learned":
+            if variables.weights and cfg.rounding == "learned":
+                weights = variables.weights
                 record["rounded_up"] = sum(int((v.codes(hard=True) - v.base - v.zero).clamp(0, 1).sum())
                                            for v in weights) / sum(v.base.numel() for v in weights)
             records.append(record)
             if checkpoints is not None:
-                owners = {view.by_name[n].target for n in unit.nodes if view.by_name[n].op == "call_module"}
-                states = {t: module_state(gm.get_submodule(t)) for t in owners
-                          if any(isinstance(m, Quantizer) for m in gm.get_submodule(t).modules())}
+                states = {t: module_state(prepared.module.get_submodule(t)) for t in source.owners(unit)}
                 checkpoints.save({"states": states, "record": record}, "unit", index - 1, unit.name, unit.layers)
-            del xs_q, xs_f, y, w
+            del xs_q, xs_f, y, w, valid
             bar.update(cfg.iters)
     bar.close()
     return {"settings": asdict(cfg), "units": [u.to_dict() for u in units], "n_train": len(train),

@@ -14,6 +14,7 @@ import contextvars
 import torch
 
 _MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("sub8_token_mask", default=None)
+_FULL: contextvars.ContextVar[bool] = contextvars.ContextVar("sub8_full_length", default=False)
 
 
 @contextlib.contextmanager
@@ -57,3 +58,19 @@ def real_token_pairs(p: torch.Tensor) -> torch.Tensor:
         return p
     mask = mask.to(p.device)
     return p.permute(0, 2, 3, 1)[mask[:, :, None] & mask[:, None, :]]
+
+
+@contextlib.contextmanager
+def full_length():
+    """Within this block, a text model runs every batch at the set's padded length instead of
+    trimming it to the batch's longest sentence (block reconstruction caches a layer's inputs
+    batch by batch: they must line up)."""
+    handle = _FULL.set(True)
+    try:
+        yield
+    finally:
+        _FULL.reset(handle)
+
+
+def keep_full_length() -> bool:
+    return _FULL.get()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import Sub8Error
-from ..quant.token_mask import token_mask
+from ..quant.token_mask import keep_full_length, token_mask
 
 
 def _transformers():
@@ -30,9 +30,10 @@ def _transformers():
 
 
 def split_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids and mask of a N x 2 x L batch, trimmed to its longest real sequence."""
+    """ids and mask of a N x 2 x L batch, trimmed to its longest real sequence (unless within
+    token_mask.full_length)."""
     ids, mask = x[:, 0].long(), x[:, 1].long()
-    length = int(mask.sum(1).max().clamp(min=1))
+    length = x.shape[-1] if keep_full_length() else int(mask.sum(1).max().clamp(min=1))
     return ids[:, :length], mask[:, :length]
 
 
