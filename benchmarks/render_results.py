@@ -141,6 +141,44 @@ def reconstruct_table(r: dict) -> list[str]:
     return lines + [""]
 
 
+def reconstruct_mixed_table(r: dict) -> list[str]:
+    lines = [f"{r['model']}, {r['n_calib']} calibration and {r['n_eval']} evaluation photos, {r['iters']} iterations "
+             "per unit at the CPU budget; first and last layers at 8 bits. `mixed+CONFIG`: W8A8, W4A8, W4A4 or W2A4 "
+             "per layer by integer programming at the uniform width's BOPs, then the mix fitted with CONFIG.", "",
+             "| bits | config | seed | BOPs / float | confident top-1 agreement | top-1 agreement | KL | minutes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        bops = ((x.get("allocate") or {}).get("costs") or {}).get("bops", {}).get("ratio")
+        lines.append(f"| {x['bits']} | {x['config']} | {x['seed']} | {fmt(bops, 4) if bops else 'uniform'} "
+                     f"| {agreement(x['metrics'])} | {fmt(x['seconds'] / 60, 1)} |")
+    return lines + [""]
+
+
+def reconstruct_memory_table(r: dict) -> list[str]:
+    lines = [f"{r['model']}, {r['n_calib']} calibration images 224x224, --max-memory {r['max_memory_gb']:g} GB, "
+             f"{r['iters']} iterations per unit (memory does not depend on them), W4A4; the whole process's peak RSS:",
+             "", "| config | peak RSS GB | peak cache GB | calibration tensor GB | minutes |", "|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['config']} | {fmt(x['peak_rss_mb'] / 1024, 2)} | {fmt(x['peak_cache_mb'] / 1024, 2)} "
+                     f"| {fmt(x['calib_mb'] / 1024, 2)} | {fmt(x['seconds'] / 60, 1)} |")
+    return lines + [""]
+
+
+def text_table(r: dict) -> list[str]:
+    sizes = r["sizes"]
+    lines = [f"{r['model']} on {r['data']}: a frozen float logistic-regression head fit on {sizes['fit']} float "
+             f"embeddings, tested on {sizes['test']} tweets; {sizes['calib']} calibration tweets; first and last "
+             "Linear at 8 bits. `layer`: sequential layer-wise AdaQuant; `block`: each transformer layer fitted "
+             f"whole with QDrop; AdaQuant budget {r['args'].get('budget', 'auto')}.", "",
+             "| precision | pipeline | accuracy | vs float (points) | cosine to float | seconds |", "|---|---|---|---|---|---|"]
+    base = next(x["accuracy"] for x in r["rows"] if x["precision"] == "float")
+    for x in r["rows"]:
+        lines.append(f"| {x['precision']} | {x['pipeline']} | {100 * x['accuracy']:.2f}% "
+                     f"| {100 * (x['accuracy'] - base):+.2f} | {fmt(x['cosine_similarity'], 4)} "
+                     f"| {fmt(x.get('seconds'), 0) if x.get('seconds') else ''} |")
+    return lines + [""]
+
+
 RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_quality_table),
              "gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables),
              "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table),
@@ -152,7 +190,12 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "reconstruct_w2a4": ("AdaQuant against block reconstruction with QDrop at W2A4", reconstruct_table),
              "reconstruct_w4a8": ("Block reconstruction with QDrop at W4A8", reconstruct_table),
              "reconstruct_seeds": ("AdaQuant against block reconstruction with QDrop at W4A4: more seeds",
-                                   reconstruct_table)}
+                                   reconstruct_table),
+             "reconstruct_mixed": ("Mixed precision against uniform W4A4, both with block reconstruction",
+                                   reconstruct_mixed_table),
+             "reconstruct_memory": ("Peak memory of block reconstruction: ResNet-50", reconstruct_memory_table),
+             "reconstruct_text": ("MiniLM on tweets: layer-wise AdaQuant against transformer-layer reconstruction",
+                                  text_table)}
 
 
 def provenance(r: dict) -> str:

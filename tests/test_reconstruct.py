@@ -288,19 +288,21 @@ def names_of(record):
 
 
 def test_advanced_pipeline_reconstructs_blocks_after_allocation(tmp_path):
-    """Candidates stay per layer (parallel AdaQuant, each layer at its candidate precision);
-    after allocation the chosen mix is fitted block by block, with QDrop."""
+    """Candidates stay per layer (parallel layer-wise AdaQuant, each layer at its candidate
+    precision); after allocation the chosen mix is fitted block by block, with QDrop: the defaults."""
     from sub8 import quantize
 
     torch.manual_seed(0)
     model, x = TwoBlocks().eval(), torch.rand(40, 3, 32, 32)
     config = QuantConfig(pipeline="advanced", cache_dir=str(tmp_path / "cache"),
-                         adaquant={"iters": 5, "batch_size": 8, "reconstruct": "block", "qdrop": 0.5},
+                         adaquant={"iters": 5, "batch_size": 8},
                          bias_tuning={"iters": 2, "batch_size": 8}, allocation={"size_ratio": 0.2})
     report = quantize(model, x, config).report
     for steps in report["allocate"]["candidates"].values():  # parallel: single layers on float inputs
-        assert steps["adaquant"]["settings"]["mode"] == "parallel"
-        assert {u["kind"] for u in steps["adaquant"]["units"]} == {"layer"}
+        settings = steps["adaquant"]["settings"]
+        assert (settings["mode"], settings["reconstruct"], settings["qdrop"]) == ("parallel", "layer", 0.0)
+        assert "units" not in steps["adaquant"]  # layer-wise AdaQuant's record
     after = report["adaquant_sequential"]
+    assert (after["settings"]["reconstruct"], after["settings"]["qdrop"]) == ("block", 0.5)
     assert [u["kind"] for u in after["units"]] == ["layer", "block", "block", "layer"]
     assert all(torch.isfinite(torch.tensor(u["heldout_mse_after"])) for u in after["layers"])

@@ -154,7 +154,7 @@ class AdaQuantConfig:
         if units == "auto":
             units = "block" if mode == "sequential" else "layer"
         qdrop = self.qdrop
-        if qdrop is None:
+        if qdrop is None or mode == "parallel":  # (parallel inputs are float already: nothing to mix)
             qdrop = BLOCK_QDROP if units == "block" and mode == "sequential" else 0.0
         return replace(self, budget=budget, mode=mode, reconstruct=units, qdrop=qdrop, **given)
 

@@ -170,20 +170,35 @@ class Frontier:
 
 
 # -- where units come from -------------------------------------------------------------------
+def fitted_units(prepared: PreparedModel, block: bool) -> list[Unit]:
+    """The units that hold a layer with quantized weights (nothing to fit in the others)."""
+    layers = prepared.quant_layers()
+    return [u for u in find_units(prepared.module, prepared.layers, block=block)
+            if any(layers[k].weight_quantizer.enabled for k in u.layers)]
+
+
 class GraphUnits:
     """The units of a traced model: each a subgraph, its inputs cached by advancing a frontier
     through the graph (or, past a value that is not per sample, from the model's input)."""
 
-    def __init__(self, prepared: PreparedModel, calib: torch.Tensor, cfg, block: bool, forward_batch: int,
+    def __init__(self, prepared: PreparedModel, calib: torch.Tensor, block: bool, forward_batch: int,
                  dtype: torch.dtype):
         self.prepared, self.calib, self.batch, self.dtype = prepared, calib, forward_batch, dtype
         self.gm = prepared.module
         self.view, self.ref_view = GraphView(self.gm), GraphView(prepared.reference)
-        layers = prepared.quant_layers()
-        self.units = [u for u in find_units(self.gm, prepared.layers, block=block)
-                      if any(layers[k].weight_quantizer.enabled for k in u.layers)]
+        self.units = fitted_units(prepared, block)
         self.frontiers = {"q": Frontier(self.view, calib, forward_batch, dtype, float_model=False),
                           "f": Frontier(self.ref_view, calib, forward_batch, dtype, float_model=True)}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, value: torch.dtype) -> None:  # (the cache's: chosen once the sizes are known)
+        self._dtype = value
+        for f in getattr(self, "frontiers", {}).values():
+            f.dtype = value
 
     def sizes(self) -> dict[str, tuple[int, int]]:
         """Per unit: the elements per sample of its inputs and of its output."""
@@ -250,13 +265,11 @@ class CallUnits:
     """The units of a model without a graph (calls.py): each a module call, its arguments
     recorded for every sample by running the model up to it (text: padding counts nowhere)."""
 
-    def __init__(self, prepared: PreparedModel, calib: torch.Tensor, cfg, block: bool, forward_batch: int,
+    def __init__(self, prepared: PreparedModel, calib: torch.Tensor, block: bool, forward_batch: int,
                  dtype: torch.dtype):
         self.prepared, self.calib, self.batch, self.dtype = prepared, calib, forward_batch, dtype
         self.model = prepared.module
-        layers = prepared.quant_layers()
-        self.units = [u for u in find_units(self.model, prepared.layers, block=block)
-                      if any(layers[k].weight_quantizer.enabled for k in u.layers)]
+        self.units = fitted_units(prepared, block)
         self.templates: dict[str, CallRecord] = {}
         self.masks: dict[str, torch.Tensor | None] = {}
 
@@ -410,20 +423,26 @@ def reconstruct(prepared: PreparedModel, calib: torch.Tensor, cfg, forward_batch
     after. With `checkpoints`, each finished unit is saved and one saved by an interrupted run
     of the same command is loaded instead of fitted again."""
     sequential = cfg.mode == "sequential"
-    dtype = torch.float16 if cfg.cache_fp16 else torch.float32
     kind = GraphUnits if isinstance(prepared.module, fx.GraphModule) else CallUnits
-    source = kind(prepared, calib, cfg, sequential and cfg.reconstruct == "block", forward_batch, dtype)
+    source = kind(prepared, calib, sequential and cfg.reconstruct == "block", forward_batch, torch.float32)
     units = source.units
     position = {i.name: k for k, i in enumerate(prepared.layers)}
     train, held = holdout_split(len(calib), cfg.holdout, seed, "AdaQuant")
     train, held = train.to(calib.device), held.to(calib.device)
     float_inputs = cfg.qdrop > 0 or not sequential
 
-    # Cache bytes per unit: its inputs (quantized, and float for QDrop), its target and weights.
-    elem = 2 if cfg.cache_fp16 else 4
-    cost = {name: len(calib) * elem * (inputs * (2 if float_inputs else 1) + output * (2 if cfg.weighted else 1))
-            for name, (inputs, output) in source.sizes().items()}
-    groups = plan_groups([u.name for u in units], cost, int(cfg.max_memory_gb * 2 ** 30))
+    # Cache elements per unit: its inputs (quantized, and float for QDrop), its target and weights.
+    sizes = source.sizes()
+    elements = {name: len(calib) * (inputs * (2 if float_inputs else 1) + output * (2 if cfg.weighted else 1))
+                for name, (inputs, output) in sizes.items()}
+    budget = int(cfg.max_memory_gb * 2 ** 30)
+    # A unit too large for the budget in float32 that fits in float16 (a ResNet-50 block's four
+    # 56x56x256 tensors on 512 images: 6.1 GB) is cached in float16 rather than refused.
+    half = cfg.cache_fp16 or max(elements.values(), default=0) * 4 > budget >= max(elements.values(), default=0) * 2
+    dtype = torch.float16 if half else torch.float32
+    source.dtype = dtype
+    cost = {name: n * (2 if half else 4) for name, n in elements.items()}
+    groups = plan_groups([u.name for u in units], cost, budget)
     by_name = {u.name: u for u in units}
 
     bar = progress.bar(len(units) * cfg.iters, f"reconstruct ({cfg.reconstruct}, {cfg.rounding} rounding"
@@ -474,7 +493,8 @@ def reconstruct(prepared: PreparedModel, calib: torch.Tensor, cfg, forward_batch
             del xs_q, xs_f, y, w, valid
             bar.update(cfg.iters)
     bar.close()
-    return {"settings": asdict(cfg), "units": [u.to_dict() for u in units], "n_train": len(train),
+    return {"settings": asdict(cfg), "cache_dtype": str(dtype).removeprefix("torch."),
+            "units": [u.to_dict() for u in units], "n_train": len(train),
             "n_heldout": len(held), "groups": len(groups), "resumed_units": resumed,
             "peak_cache_mb": peak / 2 ** 20, "optimize_seconds": optimize_seconds,
             "seconds_per_iter": optimize_seconds / cfg.iters if cfg.iters else 0.0, "layers": records}
