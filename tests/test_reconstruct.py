@@ -306,3 +306,16 @@ def test_advanced_pipeline_reconstructs_blocks_after_allocation(tmp_path):
     assert (after["settings"]["reconstruct"], after["settings"]["qdrop"]) == ("block", 0.5)
     assert [u["kind"] for u in after["units"]] == ["layer", "block", "block", "layer"]
     assert all(torch.isfinite(torch.tensor(u["heldout_mse_after"])) for u in after["layers"])
+
+
+def test_a_unit_too_large_for_the_budget_in_float32_is_cached_in_float16():
+    torch.manual_seed(0)
+    model, x = TwoBlocks().eval(), torch.rand(40, 3, 32, 32)
+    cfg = dict(mode="sequential", iters=3, batch_size=8, reconstruct="block", qdrop=0.5)
+    # The stem's cache: 40 samples x (its 3x32x32 input, quantized and float, and its 8x16x16
+    # output and Fisher weights) = 409,600 elements: 1.6 MB in float32, 0.8 MB in float16.
+    roomy = adaquant(rtn(model, x), x, AdaQuantConfig(**cfg, max_memory_gb=1.0), show_progress=False)
+    tight = adaquant(rtn(model, x), x, AdaQuantConfig(**cfg, max_memory_gb=1.2 / 1024), show_progress=False)
+    assert (roomy["cache_dtype"], tight["cache_dtype"]) == ("float32", "float16")
+    with pytest.raises(Sub8Error, match="max-memory"):
+        adaquant(rtn(model, x), x, AdaQuantConfig(**cfg, max_memory_gb=0.5 / 1024), show_progress=False)
