@@ -356,7 +356,7 @@ class BatchBuffers:
         if buf is None:
             buf = self.pool[key] = torch.empty_like(cache[:len(idx)])  # keeps channels-last
         torch.index_select(cache, 0, idx, out=buf)
-        return buf if buf.dtype == torch.float32 else buf.float()
+        return buf.float() if buf.is_floating_point() and buf.dtype != torch.float32 else buf  # (masks stay)
 
 
 def optimize(layers: dict[str, QuantLayer], xs: dict, ys: dict, followed: dict, train: torch.Tensor,

@@ -80,8 +80,10 @@ def record_call(model: nn.Module, name: str, calib: torch.Tensor, batch: int, dt
                 n = min(batch, len(calib) - i)
                 if spec is None:
                     spec, template = this_spec, leaves
+                    # (in a first batch of one, a shared 1 x ... tensor counts as per sample: its
+                    # copies broadcast as the original does)
                     per_sample = [k for k, v in enumerate(leaves) if isinstance(v, torch.Tensor) and v.dim()
-                                  and v.shape[0] == n and (n > 1 or len(calib) == 1)]
+                                  and v.shape[0] == n]
                 if this_spec != spec or any(not _same(v, template[k]) for k, v in enumerate(leaves)
                                             if k not in per_sample):
                     raise Sub8Error(f"block reconstruction: {name!r} is called with arguments that change "

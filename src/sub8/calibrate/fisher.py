@@ -80,6 +80,10 @@ def _tap_first(tap: GradTap, out):
     return tap(out)
 
 
+def _layout(t: torch.Tensor):
+    return torch.channels_last if t.dim() == 4 else torch.contiguous_format
+
+
 def output_direction(kind: str, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random u with E[u u^T] the output loss's Hessian (up to scale) at the float output."""
     flat = out.detach().flatten(1).float()
@@ -105,7 +109,8 @@ def fisher_weights(reference: nn.Module, names: list[str], followed: dict, calib
     tapped.requires_grad_(True)  # a private copy: its parameters only make autograd record the graph
     device = next(tapped.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}  # (text: real tokens, batch by batch)
+    full: dict[str, torch.Tensor] = {}
     batch = min(batch, MAX_BATCH)
     with float_mode(tapped), torch.enable_grad():
         for i in range(0, len(calib), batch):
@@ -126,11 +131,16 @@ def fisher_weights(reference: nn.Module, names: list[str], followed: dict, calib
                     acc.add_(g.float().square())
             for (name, _, mask), acc in zip(seen, squares):
                 w = real_tokens(acc / draws, mask)
-                fmt = torch.channels_last if w.dim() == 4 else torch.contiguous_format
-                parts[name].append(w.to(dtype, memory_format=fmt))
+                if mask is None:  # a row per sample: written into place (no second copy at the end)
+                    if name not in full:
+                        full[name] = torch.empty((len(calib), *w.shape[1:]), dtype=dtype, device=w.device,
+                                                 memory_format=_layout(w))
+                    full[name][i:i + len(w)] = w
+                else:
+                    parts[name].append(w.to(dtype, memory_format=_layout(w)))
     weights = {}
     for n in names:
-        w = torch.cat(parts.pop(n))
+        w = full.pop(n) if n in full else torch.cat(parts.pop(n))
         mean = w.float().mean()
         weights[n] = w.div_(mean) if mean > 0 else w.fill_(1.0)  # in place: these are cache-sized
     return weights

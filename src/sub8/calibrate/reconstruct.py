@@ -109,19 +109,25 @@ class GraphView:
 
 def run_all(module: nn.Module, inputs: list[torch.Tensor], batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
     """`module` over all samples in batches; its outputs (a tuple) cached in `dtype`, images
-    channels-last (mkldnn's convolutions run about twice as fast on it on CPU)."""
-    parts = None
+    channels-last (mkldnn's convolutions run about twice as fast on it on CPU). Each output is
+    written into its place in a tensor allocated at the first batch (gathering the batches and
+    concatenating them held every output twice at the end: 3.3 GB for one ResNet-50 block input
+    on 512 images)."""
+    full = None
+    n = len(inputs[0])
     device = next((p.device for p in module.parameters()), inputs[0].device)
     with torch.no_grad():
-        for i in range(0, len(inputs[0]), batch):
+        for i in range(0, n, batch):
             outs = module(*[x[i:i + batch].to(device, torch.float32) for x in inputs])
-            parts = parts or [[] for _ in outs]
-            for acc, t in zip(parts, outs):
-                if not isinstance(t, torch.Tensor) or t.shape[:1] != (min(batch, len(inputs[0]) - i),):
-                    raise NotPerSample
-                fmt = torch.channels_last if t.dim() == 4 else torch.contiguous_format
-                acc.append(t.detach().to(dtype, memory_format=fmt))
-    return [torch.cat(p) for p in parts]
+            if any(not isinstance(t, torch.Tensor) or t.shape[:1] != (min(batch, n - i),) for t in outs):
+                raise NotPerSample
+            if full is None:
+                full = [torch.empty((n, *t.shape[1:]), dtype=dtype, device=t.device,
+                                    memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format)
+                        for t in outs]
+            for acc, t in zip(full, outs):
+                acc[i:i + len(t)] = t.detach()
+    return full
 
 
 class NotPerSample(Exception):
