@@ -35,6 +35,7 @@ from ..prepare.blocks import Unit, find_units
 from ..quant.layers import float_mode, module_state
 from ..quant.quantizer import Quantizer
 from .adam import MultiTensorAdam
+from ..heap import reuse_freed_memory
 from .adaquant import LR_SCALE, BatchBuffers, plan_groups, reconstruction_grad
 from .calls import CallRecord, CallUnit, padded, quantized_modules, record_call, token_weights
 from .fisher import fisher_weights
@@ -385,30 +386,31 @@ def fit_unit(module: nn.Module, variables: UnitVariables, xs_q: list, xs_f: list
     buffers = BatchBuffers()
     lr_scale = LR_SCALE[cfg.lr_schedule]
     try:
-        for it in range(cfg.iters):
-            opt.zero_grad()
-            idx = batches[it]
-            args = [buffers.gather(f"x{i}", x, idx) for i, x in enumerate(xs_q)]
-            if cfg.qdrop and xs_f is not None:
-                mixed = [mix_inputs(a, buffers.gather(f"f{i}", f, idx), cfg.qdrop, dropping) for i, (a, f)
-                         in enumerate(zip(args, xs_f))]
-                if on_batch is not None:
-                    on_batch(it, idx, mixed)
-                args = [m for m, _ in mixed]
-            out = module(*args)[0]
-            weight = buffers.gather("w", w, idx) if w is not None else None
-            out.backward(reconstruction_grad(out.detach(), buffers.gather("y", y, idx), (None, None), weight))
-            with torch.no_grad():
-                torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
-            beta = beta_at(it, cfg.iters)
-            if rounding and beta is not None:
-                # BRECQ's balance: the regularizer against the per-sample sum of squared errors.
-                (sum(v.regularizer(beta) for v in rounding) * (cfg.rounding_reg / numel)).backward()
-            opt.step(lr_scale(it, cfg.iters))
-            if zp[0]:
+        with reuse_freed_memory():  # (see adaquant.optimize)
+            for it in range(cfg.iters):
+                opt.zero_grad()
+                idx = batches[it]
+                args = [buffers.gather(f"x{i}", x, idx) for i, x in enumerate(xs_q)]
+                if cfg.qdrop and xs_f is not None:
+                    mixed = [mix_inputs(a, buffers.gather(f"f{i}", f, idx), cfg.qdrop, dropping) for i, (a, f)
+                             in enumerate(zip(args, xs_f))]
+                    if on_batch is not None:
+                        on_batch(it, idx, mixed)
+                    args = [m for m, _ in mixed]
+                out = module(*args)[0]
+                weight = buffers.gather("w", w, idx) if w is not None else None
+                out.backward(reconstruction_grad(out.detach(), buffers.gather("y", y, idx), (None, None), weight))
                 with torch.no_grad():
-                    torch._foreach_clamp_min_(zp[0], zp[1])
-                    torch._foreach_clamp_max_(zp[0], zp[2])
+                    torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
+                beta = beta_at(it, cfg.iters)
+                if rounding and beta is not None:
+                    # BRECQ's balance: the regularizer against the per-sample sum of squared errors.
+                    (sum(v.regularizer(beta) for v in rounding) * (cfg.rounding_reg / numel)).backward()
+                opt.step(lr_scale(it, cfg.iters))
+                if zp[0]:
+                    with torch.no_grad():
+                        torch._foreach_clamp_min_(zp[0], zp[1])
+                        torch._foreach_clamp_max_(zp[0], zp[2])
     finally:
         for s in steps:
             s.drop, s.generator = 0.0, None
