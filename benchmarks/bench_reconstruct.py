@@ -96,6 +96,7 @@ def mixed(uniform: QuantConfig, model, calib, sensitivity_samples: int) -> Quant
     layers = prepare(model, calib[:1], uniform).layers
     ratio = sum(bops(i.macs, (i.w_bits, i.a_bits)) for i in layers) / sum(bops(i.macs, (None, None)) for i in layers)
     return replace(uniform, steps=("ranges", "adaquant", "allocate", "adaquant_sequential"),
+                   adaquant=replace(uniform.adaquant, mode="auto"),  # (candidates: parallel)
                    allocation=replace(uniform.allocation, bops_ratio=ratio, sensitivity_samples=sensitivity_samples))
 
 
