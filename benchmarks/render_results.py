@@ -129,28 +129,23 @@ def adaquant_quality_table(r: dict) -> list[str]:
     return lines + [""]
 
 
-def reconstruct_table(r: dict) -> list[str]:
+def reconstruct_table(r: dict, mixed: bool = False) -> list[str]:
+    """bench_reconstruct's rows; `mixed`: with the allocation's BOPs (its mixed+CONFIG runs)."""
+    what = ("per unit at the CPU budget; first and last layers at 8 bits. `mixed+CONFIG`: W8A8, W4A8, W4A4 or W2A4 "
+            "per layer by integer programming at the uniform width's BOPs, then the mix fitted with CONFIG."
+            if mixed else
+            "per unit at the CPU setting (sequential, mini-batch 16); first and last layers at 8 bits. `layer`: "
+            "AdaQuant; `block`: each block fitted whole; `+learned`: learned rounding; `+qdrop`: p = 0.5.")
     lines = [f"{r['model']}, {r['n_calib']} calibration and {r['n_eval']} evaluation photos, {r['iters']} iterations "
-             "per unit at the CPU setting (sequential, mini-batch 16); first and last layers at 8 bits. `layer`: "
-             "AdaQuant; `block`: each block fitted whole; `+learned`: learned rounding; `+qdrop`: p = 0.5.", "",
-             "| bits | config | seed | confident top-1 agreement | top-1 agreement | KL | minutes |",
-             "|---|---|---|---|---|---|---|"]
-    for x in r["rows"]:
-        lines.append(f"| {x['bits']} | {x['config']} | {x['seed']} | {agreement(x['metrics'])} "
-                     f"| {fmt(x['seconds'] / 60, 1)} |")
-    return lines + [""]
-
-
-def reconstruct_mixed_table(r: dict) -> list[str]:
-    lines = [f"{r['model']}, {r['n_calib']} calibration and {r['n_eval']} evaluation photos, {r['iters']} iterations "
-             "per unit at the CPU budget; first and last layers at 8 bits. `mixed+CONFIG`: W8A8, W4A8, W4A4 or W2A4 "
-             "per layer by integer programming at the uniform width's BOPs, then the mix fitted with CONFIG.", "",
-             "| bits | config | seed | BOPs / float | confident top-1 agreement | top-1 agreement | KL | minutes |",
-             "|---|---|---|---|---|---|---|---|"]
+             + what, "",
+             f"| bits | config | seed |{' BOPs / float |' if mixed else ''} confident top-1 agreement "
+             "| top-1 agreement | KL | minutes |",
+             "|---|---|---|" + ("---|" if mixed else "") + "---|---|---|---|"]
     for x in r["rows"]:
         bops = ((x.get("allocate") or {}).get("costs") or {}).get("bops", {}).get("ratio")
-        lines.append(f"| {x['bits']} | {x['config']} | {x['seed']} | {fmt(bops, 4) if bops else 'uniform'} "
-                     f"| {agreement(x['metrics'])} | {fmt(x['seconds'] / 60, 1)} |")
+        cell = f" {fmt(bops, 4) if bops else 'uniform'} |" if mixed else ""
+        lines.append(f"| {x['bits']} | {x['config']} | {x['seed']} |{cell} {agreement(x['metrics'])} "
+                     f"| {fmt(x['seconds'] / 60, 1)} |")
     return lines + [""]
 
 
@@ -192,7 +187,7 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "reconstruct_seeds": ("AdaQuant against block reconstruction with QDrop at W4A4: more seeds",
                                    reconstruct_table),
              "reconstruct_mixed": ("Mixed precision against uniform W4A4, both with block reconstruction",
-                                   reconstruct_mixed_table),
+                                   lambda r: reconstruct_table(r, mixed=True)),
              "reconstruct_memory": ("Peak memory of block reconstruction: ResNet-50", reconstruct_memory_table),
              "reconstruct_text": ("MiniLM on tweets: layer-wise AdaQuant against transformer-layer reconstruction",
                                   text_table)}
