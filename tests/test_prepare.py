@@ -78,19 +78,27 @@ def test_first_last_and_pattern_bits():
         prepare(model, x, QuantConfig(layer_bits={"nope.*": (4, 4)}))
 
 
-def test_untraceable_model_is_a_clear_error():
+def test_untraceable_model_is_prepared_without_a_graph_and_says_so():
     class Dynamic(nn.Module):
         def __init__(self):
             super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
             self.fc = nn.Linear(4, 4)
 
         def forward(self, x):
+            x = self.conv(x).mean((2, 3))
             if x.sum() > 0:  # data-dependent control flow
                 return self.fc(x)
-            return x
+            return -self.fc(x)
 
-    with pytest.raises(Sub8Error, match="torch.fx"):
-        prepare(Dynamic(), torch.randn(1, 4), QuantConfig())
+    model = Dynamic().eval()
+    x = torch.randn(2, 3, 8, 8)
+    prepared = prepare(model, x, QuantConfig())
+    assert prepared.capture["path"] == "modules" and "torch.fx" in prepared.capture["reason"]
+    assert [i.name for i in prepared.layers] == ["conv", "fc"]
+    assert prepared.coverage["macs"]["share"] == 1.0 and prepared.coverage["float"] == []
+    with float_mode(prepared.module):
+        assert torch.allclose(prepared(x), model(x), atol=1e-6)
 
 
 @pytest.mark.slow

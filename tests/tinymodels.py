@@ -1,6 +1,7 @@
 """Small models for tests, loadable as python:tinymodels:NAME."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms
 
@@ -72,3 +73,131 @@ def tiny_with_nan():
     with torch.no_grad():
         model.block.conv1.weight[0, 0, 0, 0] = float("nan")
     return model, transform
+
+
+# -- attention in every form a vision model writes it (tests/test_coverage.py) ---------------------
+class TinyViT(nn.Module):
+    """Patch embedding, two encoder blocks with nn.MultiheadAttention, a head."""
+
+    def __init__(self, dim=16, heads=4, depth=2):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        y = self.norm(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+class SdpaAttention(nn.Module):
+    """timm's attention: one qkv Linear, F.scaled_dot_product_attention or q @ k^T."""
+
+    def __init__(self, dim=16, heads=4, fused=True):
+        super().__init__()
+        self.heads, self.fused = heads, fused
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = (q * (c // self.heads) ** -0.5 @ k.transpose(-2, -1)).softmax(-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Tokens(nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.attn = attention
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x)).mean(1))
+
+
+def window_attention(x, qkv_weight, proj_weight, qkv_bias, heads: int):
+    """Like torchvision's Swin: weights handed to a function that the trace keeps whole."""
+    b, n, c = x.shape
+    q, k, v = F.linear(x, qkv_weight, qkv_bias).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    x = (q.matmul(k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(-1).matmul(v)
+    return F.linear(x.transpose(1, 2).reshape(b, n, c), proj_weight)
+
+
+torch.fx.wrap("window_attention")
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        return window_attention(x, self.qkv.weight, self.proj.weight, self.qkv.bias, self.heads)
+
+
+class AllAttentions(nn.Module):
+    """Patch embedding, then nn.MultiheadAttention, F.scaled_dot_product_attention, q @ k^T and
+    a function the trace keeps whole that takes the weights: every path, in one model."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.mha = Block(dim, 4)
+        self.sdpa = SdpaAttention(dim, fused=True)
+        self.matmul = SdpaAttention(dim, fused=False)
+        self.window = WindowAttention(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = self.mha(x)
+        x = x + self.sdpa(x)
+        x = x + self.matmul(x)
+        x = x + self.window(x)
+        return self.head(x.mean(1))
+
+
+def all_attentions():
+    torch.manual_seed(0)
+    return AllAttentions().eval(), transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])
+
+
+class WithConv1d(nn.Module):
+    """An image model with a 1-D convolution, a layer kind sub8 leaves in float (and says so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=4)
+        self.conv1d = nn.Conv1d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.conv1d(self.stem(x).flatten(2))
+        return self.head(x.mean(2))
+
+
+def tiny_with_conv1d():
+    torch.manual_seed(0)
+    return WithConv1d().eval(), transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])

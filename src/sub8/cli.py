@@ -106,7 +106,7 @@ HELP_SECTIONS = {
     "Model and data": ("model_spec", "weights", "calib", "eval_dir", "labels", "samples", "text_column",
                        "label_column", "max_length", "probe_train"),
     "Precision": ("w_bits", "a_bits", "first_last_bits", "layer_bits", "embedding_bits", "quantize_attention",
-                  "w_symmetric", "w_asymmetric", "a_symmetric", "requantize"),
+                  "w_symmetric", "w_asymmetric", "a_symmetric", "requantize", "strict"),
     "Recipe": ("pipeline", "steps", "ranges", "percentile", "output_loss"),
     "Output": ("out_dir", "force", "size_ratios"),
     "Run": ("seed", "device", "forward_batch", "cache_dir", "no_cache", "fresh"),
@@ -228,6 +228,8 @@ def quant_options(fn):
                      help="quantize the tensors between layers that would stay float (both inputs of each "
                           "residual add, the final pool's input), so that ONNX Runtime runs the whole exported "
                           "network on integers [default: when every layer is W8A8, unless the pipeline allocates bits]"),
+        click.option("--strict", is_flag=True, help="stop with an error when any weight-bearing operation would "
+                     "stay in float without being asked to (report.json's coverage lists them either way)"),
         click.option("--samples", default=256, show_default=True, help="calibration samples to use"),
         click.option("--forward-batch", default=32, show_default=True, help="samples per forward pass"),
         click.option("--seed", default=0, show_default=True, help="seed of every random choice (sample order, "
@@ -265,7 +267,7 @@ def build_config(o: dict):
                        embedding_bits=o["embedding_bits"], quantize_attention=o["quantize_attention"],
                        layer_bits=parse_layer_bits(o["layer_bits"]), ranges=o["ranges"], percentile=o["percentile"],
                        w_symmetric=w_symmetric, a_symmetric=o["a_symmetric"], requantize=o["requantize"],
-                       pipeline=o["pipeline"],
+                       strict=o["strict"], pipeline=o["pipeline"],
                        steps=o["steps"], samples=o["samples"], forward_batch=o["forward_batch"], seed=o["seed"],
                        output_loss=o["output_loss"], device=o["device"], methods=methods, **extra)
     _RUN.update(cache_dir=config.cache_dir, started=True)
@@ -423,6 +425,26 @@ def export(run_dir, onnx_path, weights):
         click.echo(f"  {n:4d} x {kind}")
 
 
+def coverage_lines(report: dict, shown: int = 5) -> None:
+    """What stayed float, from report.json's coverage (prepare/coverage.py), and how it was captured."""
+    capture, coverage = report.get("capture") or {}, report.get("coverage") or {}
+    if capture.get("path") == "modules" and capture.get("reason"):
+        click.echo(f"  no graph: {capture['reason']}; prepared module by module, without: {', '.join(capture['lost'])}")
+    if not coverage:
+        return
+    products = coverage["products"]
+    attention = f"; attention products quantized: {products['quantized']} of " \
+                f"{products['quantized'] + products['float']}" if products["quantized"] + products["float"] else ""
+    click.echo(f"  coverage: {100 * coverage['macs']['share']:.2f}% of weight and attention MACs and "
+               f"{100 * coverage['params']['share']:.1f}% of parameters quantized{attention}")
+    left = coverage["float"]
+    for e in left[:shown]:
+        click.echo(f"    float: {e['where']} {e['op']}{' ' + e['weights'][0] if e['weights'] else ''} "
+                   f"({100 * e['macs_share']:.2f}% of MACs, {100 * e['params_share']:.2f}% of parameters): {e['reason']}")
+    if len(left) > shown:
+        click.echo(f"    ... and {len(left) - shown} more left in float (report.json: coverage.float; --strict refuses them)")
+
+
 def print_summary(report: dict, out_dir: str) -> None:
     c = report["config"]
     layers = report["layers"]
@@ -434,6 +456,7 @@ def print_summary(report: dict, out_dir: str) -> None:
     click.echo(f"  {len(layers)} layers quantized on {report['calibration']['n_images']} calibration samples;"
                f" weight size {report['size']['weight_bits'] / 8e6:.2f} MB"
                f" ({100 * report['size']['ratio']:.1f}% of float32)")
+    coverage_lines(report)
     tables, attention = report.get("embeddings", {}), report.get("attention", {})
     if tables or attention.get("modules"):
         click.echo(f"  also quantized: {len(tables)} embedding tables at {fmt_bits(c['embedding_bits'])} bits; "

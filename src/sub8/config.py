@@ -52,6 +52,9 @@ class QuantConfig:
     # add, the final pool's input; prepare/requantize.py), so that an integer runtime keeps the
     # whole network in integers; None (auto): when every layer is W8A8, without bit allocation.
     requantize: bool | None = None
+    # Refuse to run when a weight-bearing operation would stay in float without being asked
+    # to (report.json's coverage lists them either way).
+    strict: bool = False
     pipeline: str = "auto"
     steps: tuple[str, ...] | None = None  # an explicit step list overrides the pipeline's
     samples: int = 256

@@ -184,6 +184,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     report = {"tool": TOOL, "version": REPORT_VERSION, "model_kind": adapter.kind, "config": config.to_dict(), "seed": config.seed, "versions": versions(),
               "calibration": {"n_images": len(calib)},
               "layers": [info.to_dict() for info in prepared.layers], **prepared.other_quantizers(),
+              "capture": prepared.capture, "coverage": prepared.coverage,
               "size": size_report(prepared), "steps": log.steps, **records}
     if metrics is not None:
         report["metrics"] = {"float": adapter.compare(model, float_logits, float_logits, eval_labels, probe),

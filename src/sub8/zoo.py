@@ -21,8 +21,8 @@ from .errors import Sub8Error, few
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SPEC_FORMS = "zoo:mobilenet_v2, zoo:efficientnet_lite0, zoo:minilm, torchvision:NAME (with --weights PATH), " \
-             "hf:DIR (a local transformers checkpoint), python:package.module:callable"
+SPEC_FORMS = "zoo:mobilenet_v2, zoo:efficientnet_lite0, zoo:minilm, torchvision:NAME or timm:NAME (with --weights " \
+             "PATH), hf:DIR (a local transformers checkpoint), python:package.module:callable"
 
 
 def imagenet_transform(size: int = 224, resize: int = 256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -122,11 +122,17 @@ def _efficientnet_lite0(weights: str | None, architecture_only: bool = False) ->
 
 
 def _hf(spec: str, path: str, weights: str | None, architecture_only: bool) -> LoadedModel:
-    from .text.model import load_hf
-    module, tokenizer = load_hf(path, architecture_only)
+    """A local transformers checkpoint: an image classifier (ViT, Swin, ConvNeXt, ...) with its
+    image processor's preprocessing, or a text encoder / classifier with its tokenizer."""
+    from .text.model import is_image_classifier, load_hf, load_hf_image_classifier, read_config
+    if is_image_classifier(read_config(path)):
+        module, transform = load_hf_image_classifier(path, architecture_only)
+        tokenizer = None
+    else:
+        (module, tokenizer), transform = load_hf(path, architecture_only), None
     if weights is not None and not architecture_only:
         load_weights_into(module, weights)
-    return LoadedModel(spec, module, None, tokenizer)
+    return LoadedModel(spec, module, transform, tokenizer)
 
 
 def _minilm(weights: str | None, architecture_only: bool = False) -> LoadedModel:
@@ -150,6 +156,25 @@ def _torchvision(name: str, weights: str | None, architecture_only: bool = False
     if weights is not None:
         load_weights_into(model, weights)
     return LoadedModel(f"torchvision:{name}", model.eval(), imagenet_transform())
+
+
+def _timm(name: str, weights: str | None, architecture_only: bool = False) -> LoadedModel:
+    """A timm architecture (pip install 'sub8[timm]') with a state dict of the user's, and the
+    preprocessing timm's config names for it."""
+    try:
+        import timm
+        from timm.data import create_transform, resolve_data_config
+    except ImportError:
+        raise Sub8Error("timm:NAME needs the timm package: pip install 'sub8[timm]'") from None
+    if weights is None and not architecture_only:
+        raise Sub8Error(f"timm:{name} needs --weights PATH (a state dict file); sub8 never downloads weights")
+    if not timm.list_models(name):
+        raise Sub8Error(f"timm has no model named {name!r}")
+    model = timm.create_model(name, pretrained=False)
+    if weights is not None:
+        load_weights_into(model, weights)
+    transform = create_transform(**resolve_data_config({}, model=model))
+    return LoadedModel(f"timm:{name}", model.eval(), transform)
 
 
 def _python(target: str, weights: str | None) -> LoadedModel:
@@ -192,6 +217,8 @@ def load_model(spec: str, weights: str | None = None, architecture_only: bool = 
         return ZOO[name](weights, architecture_only)
     if kind == "torchvision":
         return _torchvision(name, weights, architecture_only)
+    if kind == "timm":
+        return _timm(name, weights, architecture_only)
     if kind == "python":
         return _python(name, weights)
     if kind == "hf":

@@ -57,7 +57,20 @@ def _traced_units(gm: fx.GraphModule, layers: list, block: bool) -> list[Unit]:
     order = {n: i for i, n in enumerate(nodes)}
     by_target = {n.target: n for n in nodes if n.op == "call_module"}
     info = {i.name: i for i in layers}
-    layer_nodes = [by_target[i.name] for i in layers]
+
+    def node_of(name: str) -> fx.Node:
+        """A layer's graph node: its own, or (inside a module the trace keeps whole) the
+        module's call."""
+        parts = name.split(".")
+        for k in range(len(parts), 0, -1):
+            if ".".join(parts[:k]) in by_target:
+                return by_target[".".join(parts[:k])]
+        raise KeyError(name)
+
+    layer_nodes = list(dict.fromkeys(node_of(i.name) for i in layers))
+    held_by = {}
+    for i in layers:
+        held_by.setdefault(node_of(i.name), []).append(i.name)
 
     classes: dict[str, type] = {}
     members: dict[str, set] = {}
@@ -82,7 +95,7 @@ def _traced_units(gm: fx.GraphModule, layers: list, block: bool) -> list[Unit]:
 
     units, taken = [], set()
     for node in layer_nodes:
-        if node.target in taken:
+        if node in taken:
             continue
         chosen = None
         if block:
@@ -91,24 +104,26 @@ def _traced_units(gm: fx.GraphModule, layers: list, block: bool) -> list[Unit]:
                     continue
                 inside = region(path)
                 held = [n for n in layer_nodes if n in inside]
-                if len(held) >= 2 and len(leaving(inside)) == 1:
+                if sum(len(held_by[n]) for n in held) >= 2 and len(leaving(inside)) == 1:
                     chosen = (path, inside, held)
                     break
         if chosen is None:
             inside = {node}
             users = list(node.users)
-            if info[node.target].followed_by is not None and len(users) == 1:
+            own = info.get(node.target)
+            if own is not None and own.followed_by is not None and len(users) == 1:
                 inside.add(users[0])
             chosen = (node.target, inside, [node])
         path, inside, held = chosen
         ordered = sorted(inside, key=order.get)
         reads = sorted({a for n in ordered for a in n.all_input_nodes if a not in inside}, key=order.get)
         out = leaving(inside)
-        units.append(Unit(path, "block" if len(held) > 1 else "layer", [n.target for n in held],
+        names = [name for n in held for name in held_by[n]]
+        units.append(Unit(path, "block" if len(names) > 1 else "layer", names,
                           [n.name for n in ordered], [a.name for a in reads],
                           (out[0] if len(out) == 1 else ordered[-1]).name))
-        taken.update(n.target for n in held)
-    units.sort(key=lambda u: min(order[n] for n in (by_target[t] for t in u.layers)))
+        taken.update(held)
+    units.sort(key=lambda u: min(order[node_of(t)] for t in u.layers))
     return units
 
 

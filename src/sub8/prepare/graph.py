@@ -13,15 +13,17 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import Sub8Error
+from ..quant.layers import QuantInput
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 INPUT = "<input>"
 
 
 class _Tracer(fx.Tracer):
-    # Conv2d/Linear subclasses (e.g. "same"-padding convs) stay whole, so they can be wrapped.
+    # Conv2d/Linear subclasses (e.g. "same"-padding convs) stay whole, so they can be wrapped;
+    # so do operand quantizers (attention's), whose state a trace must not bake in.
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANTIZABLE) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (*QUANTIZABLE, QuantInput)) or super().is_leaf_module(m, qualname)
 
 
 def capture(model: nn.Module) -> fx.GraphModule:
@@ -31,8 +33,7 @@ def capture(model: nn.Module) -> fx.GraphModule:
         graph = _Tracer().trace(model)
     except Exception as exc:  # fx raises many types for data-dependent control flow
         raise Sub8Error(f"could not capture the model's graph with torch.fx "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                        f"sub8 needs a model without data-dependent Python control flow") from None
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 

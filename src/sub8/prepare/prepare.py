@@ -12,9 +12,12 @@ from torch import fx, nn
 
 from ..errors import Sub8Error
 from ..quant.embedding import QuantEmbedding, quant_embeddings
-from ..quant.layers import QuantLayer, quant_layers, quant_operands
+from ..quant.layers import QuantLayer, float_mode, quant_layers, quant_operands
+from .attention import explicit_attention
+from .coverage import census, check_strict
 from .fold import fold_batchnorm
-from .graph import LayerInfo, analyze, capture, count_macs
+from .functional import discover, install_redirects, rewrite_graph
+from .graph import QUANTIZABLE, LayerInfo, analyze, capture, count_macs, layer_kind
 from .requantize import QuantTensor, junctions, requantize
 
 
@@ -30,6 +33,10 @@ class PreparedModel:
     reference: nn.Module
     attention_modules: int = 0  # attention modules whose matrix-product operands are quantized
     junctions: int = 0  # residual-add and pool inputs quantized (prepare/requantize.py)
+    # How the model was captured: {"path": "fx" or "modules", "reason": why not fx, "lost": what
+    # a model without a graph goes without}.
+    capture: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)  # prepare/coverage.py: what stays float, and why
 
     def quant_layers(self) -> dict[str, QuantLayer]:
         return quant_layers(self.module)
@@ -81,36 +88,73 @@ def lowest_bits(config) -> int | None:
     return min(bits) if bits else None
 
 
-def module_layers(module: nn.Module, example: torch.Tensor) -> list[LayerInfo]:
-    """The layer table of a model that is not traced (e.g. a transformer): every Linear, in
-    registration order, with no graph facts (producers, the activation after it); the
-    activations between them stay in float."""
-    linears = {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear)}
-    macs = count_macs(module, linears, example)
-    return [LayerInfo(name=name, kind="linear", params=m.weight.numel() + (m.bias.numel() if m.bias is not None else 0),
-                      macs=macs.get(name, 0)) for name, m in linears.items() if name in macs]
+def module_layers(module: nn.Module, example: torch.Tensor, skip=()) -> list[LayerInfo]:
+    """The layer table of a model without a graph (or of the layers a graph does not reach,
+    inside leaf modules): every Conv2d and Linear that runs on `example`, in the order they run,
+    with no graph facts (producers, the activation after it)."""
+    found = {name: m for name, m in module.named_modules() if isinstance(m, QUANTIZABLE) and name not in skip}
+    macs = count_macs(module, found, example)  # in the order the layers ran
+    return [LayerInfo(name=name, kind=layer_kind(found[name]), params=_layer_params(found[name]), macs=n)
+            for name, n in macs.items()]
+
+
+def _layer_params(m: nn.Module) -> int:
+    return m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+
+
+def _operand_bits(config) -> int | None:
+    """The bits of attention's operands (None: its products stay float)."""
+    return config.a_bits if config.quantize_attention else None
+
+
+NO_GRAPH = ["BatchNorm stays unfolded after its convolution", "AdaQuant does not know which ReLU follows a layer",
+            "residual adds' inputs are not requantized", "ONNX export (it translates the graph)"]
 
 
 def prepare_traced(model: nn.Module, example: torch.Tensor, config) -> PreparedModel:
     """A BN-folded fx copy of `model` whose layers (from the graph: producers, following ReLU,
-    MACs) are wrapped in quantizers."""
-    gm = capture(copy.deepcopy(model).cpu())
+    MACs) are wrapped in quantizers. A model that torch.fx cannot trace is prepared without a
+    graph instead (prepare_untraced), and `capture` says so and why."""
+    module = copy.deepcopy(model).cpu().eval()
+    attention = explicit_attention(module, _operand_bits(config), config.a_symmetric)
+    try:
+        gm = capture(module)
+    except Sub8Error as exc:
+        return _prepare_modules(module, example, _param_count(model), config, attention,
+                                {"path": "modules", "reason": str(exc), "lost": NO_GRAPH})
+    rewrite_graph(gm, _operand_bits(config), config.a_symmetric)
+    discover(gm, example.cpu())
     folded = fold_batchnorm(gm)
-    layers = analyze(gm, example.cpu(), folded)
     bits = junction_bits(config)
-    sites = junctions(gm, example.cpu()) if bits is not None else []
-    return wrap_layers(gm, layers, _param_count(model), config,
-                       rewrite=lambda m: requantize(m, sites, bits, config.a_symmetric))
+    with float_mode(gm):  # attention's operand quantizers are not calibrated yet
+        layers = analyze(gm, example.cpu(), folded)
+        inside_leaves = module_layers(gm, example.cpu(), skip={i.name for i in layers})
+        if inside_leaves:  # layers inside modules the trace keeps whole: all in the order they run
+            order = list(count_macs(gm, [i.name for i in layers + inside_leaves], example.cpu()))
+            layers = sorted(layers + inside_leaves, key=lambda i: order.index(i.name))
+        sites = junctions(gm, example.cpu()) if bits is not None else []
+    return wrap_layers(gm, layers, _param_count(model), config, attention, example=example,
+                       rewrite=lambda m: requantize(m, sites, bits, config.a_symmetric),
+                       capture={"path": "fx", "reason": None, "lost": []})
 
 
 def prepare_untraced(model: nn.Module, example: torch.Tensor, config, operands=None) -> PreparedModel:
-    """A copy of `model` whose Linear layers are wrapped in place (no graph). `operands(module,
-    example)`, if given, quantizes inputs that no layer owns and returns how many modules it
-    changed (attention's matrix products)."""
+    """A copy of `model` whose Conv2d and Linear layers are wrapped in place (no graph).
+    `operands(module, example)`, if given, quantizes inputs that no layer owns and returns how
+    many modules it changed (transformers' attention)."""
     module = copy.deepcopy(model).cpu().eval()
-    layers = module_layers(module, example.cpu())
-    extra = operands(module, example.cpu()) if operands is not None else 0
-    return wrap_layers(module, layers, _param_count(model), config, extra)
+    attention = explicit_attention(module, _operand_bits(config), config.a_symmetric)
+    if operands is not None:
+        attention += operands(module, example.cpu())
+    return _prepare_modules(module, example, _param_count(model), config, attention,
+                            {"path": "modules", "reason": "the model declares sub8_traceable = False", "lost": NO_GRAPH})
+
+
+def _prepare_modules(module, example, float_params, config, attention, capture_record) -> PreparedModel:
+    install_redirects(module, example.cpu(), _operand_bits(config), config.a_symmetric)
+    with float_mode(module):
+        layers = module_layers(module, example.cpu())
+    return wrap_layers(module, layers, float_params, config, attention, example=example, capture=capture_record)
 
 
 def _param_count(model: nn.Module) -> int:
@@ -142,9 +186,11 @@ def junction_bits(config) -> int | None:
 
 
 def wrap_layers(module: nn.Module, layers: list[LayerInfo], float_params: int, config,
-                attention_modules: int = 0, rewrite=None) -> PreparedModel:
+                attention_modules: int = 0, rewrite=None, example: torch.Tensor | None = None,
+                capture: dict | None = None) -> PreparedModel:
     """Wrap the table's layers (and embedding tables) in quantizers at their assigned bits;
-    `rewrite(module)`, if given, then changes the graph around the wrapped layers."""
+    `rewrite(module)`, if given, then changes the graph around the wrapped layers. With
+    `example`, one pass records what stays float (`coverage`); --strict makes that an error."""
     if not layers:
         raise Sub8Error("the model has no Conv2d or Linear layer to quantize")
     assign_bits(layers, config)
@@ -159,9 +205,13 @@ def wrap_layers(module: nn.Module, layers: list[LayerInfo], float_params: int, c
     junctions = rewrite(module) if rewrite is not None else 0
     if isinstance(module, fx.GraphModule):
         module.recompile()
+    coverage = census(module.eval(), example.cpu(), _operand_bits(config) is None) if example is not None else {}
+    if coverage and getattr(config, "strict", False):
+        check_strict(coverage)
     module = module.to(config.device).eval()
     return PreparedModel(module=module, layers=layers, float_params=float_params, reference=copy.deepcopy(module),
-                         attention_modules=attention_modules, junctions=junctions)
+                         attention_modules=attention_modules, junctions=junctions, capture=capture or {},
+                         coverage=coverage)
 
 
 @dataclass

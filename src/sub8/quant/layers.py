@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import progress
 from .quantizer import Quantizer
-from .token_mask import real_tokens
+from .token_mask import real_head_tokens, real_token_pairs, real_tokens
 
 
 class QuantLayer(nn.Module):
@@ -35,9 +35,23 @@ class QuantLayer(nn.Module):
                                           symmetric=w_symmetric)
         self.input_quantizer = Quantizer(a_bits, symmetric=a_symmetric)
         self.observer = None
+        # (bias,) while a model's functional call hands its own bias (prepare/functional.py)
+        self.bias_override = None
         self._weight_cache = None  # (key, tensor): the quantized weight, reused while nothing changes
         # A subclass (e.g. a "same"-padding conv) keeps its own forward; we only swap tensors.
         self._plain = type(layer) in (nn.Conv2d, nn.Linear)
+
+    def __getattr__(self, name: str):
+        # Only called when normal lookup fails: the wrapped layer's attributes (.weight, .bias,
+        # .in_channels, ...) read through the wrapper, so a model that reads its own layers'
+        # attributes still runs after wrapping.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_modules", {}).get("layer")
+            if layer is None or name.startswith("__"):
+                raise
+            return getattr(layer, name)
 
     @property
     def w_bits(self) -> int | None:
@@ -80,7 +94,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer(self, real_tokens(x))
-        return self.apply(self.input_quantizer(x), self.quantized_weight(), self.layer.bias)
+        bias = self.layer.bias if self.bias_override is None else self.bias_override[0]
+        return self.apply(self.input_quantizer(x), self.quantized_weight(), bias)
 
     def extra_repr(self) -> str:
         def b(v):
@@ -108,6 +123,18 @@ class QuantInput(nn.Module):
         if self.observer is not None:
             self.observer(self, self.real(x))
         return self.input_quantizer(x)
+
+
+class QuantAttention(nn.Module):
+    """The four quantized operands of one attention module's two matrix products: queries and
+    keys (scores = q k^T), softmax probabilities and values (out = p v)."""
+
+    def __init__(self, bits: int, symmetric: bool):
+        super().__init__()
+        self.query = QuantInput(bits, symmetric, real_head_tokens)
+        self.key = QuantInput(bits, symmetric, real_head_tokens)
+        self.probs = QuantInput(bits, symmetric, real_token_pairs)
+        self.value = QuantInput(bits, symmetric, real_head_tokens)
 
 
 def quant_operands(module: nn.Module) -> dict[str, QuantInput]:

@@ -14,23 +14,11 @@ import contextvars
 import torch
 from torch import nn
 
-from ..quant.layers import QuantInput
-from ..quant.token_mask import real_head_tokens, real_token_pairs
+from ..quant.layers import QuantAttention
 
 NAME = "sub8"
 CHILD = "sub8_attention"
 _CALLERS: contextvars.ContextVar[list | None] = contextvars.ContextVar("sub8_attention_callers", default=None)
-
-
-class QuantAttention(nn.Module):
-    """The four quantized operands of one attention module."""
-
-    def __init__(self, bits: int, symmetric: bool):
-        super().__init__()
-        self.query = QuantInput(bits, symmetric, real_head_tokens)
-        self.key = QuantInput(bits, symmetric, real_head_tokens)
-        self.probs = QuantInput(bits, symmetric, real_token_pairs)
-        self.value = QuantInput(bits, symmetric, real_head_tokens)
 
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -73,29 +73,82 @@ class SequenceClassifier(nn.Module):
             return self.model(input_ids=ids, attention_mask=mask).logits
 
 
-def load_hf(path: str, architecture_only: bool = False):
-    """(module, tokenizer) for a local transformers checkpoint folder: a sequence classifier
-    when its config says so, else an encoder with mean pooling."""
-    transformers = _transformers()
+def _read(path: str, reader):
     if not os.path.isdir(path):
         raise Sub8Error(f"hf:{path} is not a folder holding a transformers checkpoint")
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return reader.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise Sub8Error(f"cannot read the transformers checkpoint in {path!r}: {str(exc).splitlines()[0]}") from None
-    classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+
+
+def read_config(path: str):
+    """A local transformers checkpoint's config."""
+    return _read(path, _transformers().AutoConfig)
+
+
+def is_image_classifier(config) -> bool:
+    return any(a.endswith("ForImageClassification") for a in (config.architectures or []))
+
+
+def _model(auto, path: str, config, architecture_only: bool):
+    transformers = _transformers()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         if architecture_only:
-            model = auto.from_config(config)
-        else:
-            model = auto.from_pretrained(path, local_files_only=True)
+            return auto.from_config(config)
+        return auto.from_pretrained(path, local_files_only=True)
+
+
+def load_hf(path: str, architecture_only: bool = False):
+    """(module, tokenizer) for a local transformers checkpoint folder: a sequence classifier
+    when its config says so, else an encoder with mean pooling."""
+    transformers = _transformers()
+    config = read_config(path)
+    tokenizer = _read(path, transformers.AutoTokenizer)
+    classifier = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    model = _model(auto, path, config, architecture_only)
     wrapper = SequenceClassifier(model) if classifier else SentenceEncoder(model)
     return wrapper.eval(), tokenizer
+
+
+class ImageClassifier(nn.Module):
+    """A transformers image classifier (ViT, Swin, ConvNeXt, ...): N x 3 x H x W -> logits.
+    Prepared like any image model: a graph where torch.fx can capture one, module by module
+    where it cannot."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def load_hf_image_classifier(path: str, architecture_only: bool = False):
+    """(module, its preprocessing) for a local transformers image classifier checkpoint; the
+    preprocessing from its image processor's size, crop, mean and std."""
+    from torchvision import transforms
+    transformers = _transformers()
+    config = read_config(path)
+    processor = _read(path, transformers.AutoImageProcessor)
+    model = _model(transformers.AutoModelForImageClassification, path, config, architecture_only)
+    size = getattr(processor, "size", None) or {}
+    crop = getattr(processor, "crop_size", None) or {}
+    if "shortest_edge" in size:
+        resize = transforms.Resize(size["shortest_edge"])
+    else:
+        resize = transforms.Resize((size.get("height", config.image_size), size.get("width", config.image_size)))
+    steps = [resize]
+    if getattr(processor, "do_center_crop", False) and crop:
+        steps.append(transforms.CenterCrop((crop["height"], crop["width"])))
+    steps.append(transforms.ToTensor())
+    if getattr(processor, "do_normalize", True):
+        steps.append(transforms.Normalize(processor.image_mean, processor.image_std))
+    return ImageClassifier(model).eval(), transforms.Compose(steps)
 
 
 def minilm_path() -> str:
