@@ -279,8 +279,8 @@ def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...], weights: str =
     """The ONNX model (dynamic batch) and, per quantized layer, how its weight and input are
     stored; `weights`: the 8-bit weights' type (the module docstring says when to pick uint8)."""
     if not isinstance(module, fx.GraphModule):
-        raise Sub8Error("ONNX export translates traced (torch.fx) models; this model was quantized "
-                        "without a graph (a transformer), which the exporter does not handle yet")
+        raise Sub8Error("ONNX export translates traced (torch.fx) models; this model was prepared without "
+                        "a graph (report.json's capture says why), which the exporter does not handle yet")
     b = _Builder(weights)
     env, inputs, outputs = {}, [], []
     device = next(module.parameters()).device
