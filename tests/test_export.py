@@ -241,3 +241,30 @@ def test_mobilenet_v2_w8a8_onnx_runtime_agrees_with_sub8(mobilenet_photos, w_sym
     assert 1 - flipped.mean() >= own_agreement - 0.04
     assert np.abs(out - ref).max() <= 1.5 * own_error * span
     assert ((top2[:, 1] - top2[:, 0])[flipped] <= 0.015 * span).all()  # measured: at most 0.011
+
+
+def test_onnx_runtime_matches_sub8_on_concatenation_hardsigmoid_and_stochastic_depth():
+    from torchvision.ops import stochastic_depth
+
+    from sub8.export.onnx_qdq import to_onnx
+
+    class Branches(torch.nn.Module):  # squeezenet's concatenated branches, mobilenet_v3's gate
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.gate = torch.nn.Hardsigmoid()
+            self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.fc = torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = torch.cat([self.a(x), self.b(x)], 1)
+            y = stochastic_depth(y * self.gate(y), 0.2, "row", training=False)
+            return self.fc(torch.flatten(self.pool(y), 1))
+
+    qm = sub8.quantize(Branches().eval(), torch.randn(16, 3, 8, 8), sub8.QuantConfig(pipeline="rtn", cache_dir=None))
+    onnx_model, _ = to_onnx(qm.module, (1, 3, 8, 8))
+    x = torch.randn(32, 3, 8, 8)
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    out = _onnx_outputs(onnx_model, x)
+    assert np.abs(out - ref).max() <= 1e-2 * (ref.max() - ref.min())

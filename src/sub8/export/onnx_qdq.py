@@ -226,6 +226,8 @@ def _module_op(b: _Builder, name: str, m: nn.Module, x: str, rank: int | None) -
         return b.op("Sigmoid", [x], name)
     if isinstance(m, nn.Hardswish):
         return b.op("HardSwish", [x], name)
+    if isinstance(m, nn.Hardsigmoid):  # relu6(x + 3) / 6
+        return b.op("HardSigmoid", [x], name, alpha=1 / 6, beta=0.5)
     if isinstance(m, nn.SiLU):
         return b.op("Mul", [x, b.op("Sigmoid", [x], f"{name}_sig")], name)
     if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
@@ -240,7 +242,7 @@ def _module_op(b: _Builder, name: str, m: nn.Module, x: str, rank: int | None) -
 
 def _function_op(b: _Builder, node: fx.Node, env: dict) -> str:
     target = node.target
-    args = [env[a.name] if isinstance(a, fx.Node) else a for a in node.args]
+    args = [fx.node.map_arg(a, lambda n: env[n.name]) for a in node.args]  # (also inside lists: torch.cat)
     name = node.name
     if target in (operator.add, torch.add) and all(isinstance(a, fx.Node) for a in node.args[:2]):
         return b.op("Add", args[:2], name)
@@ -256,6 +258,9 @@ def _function_op(b: _Builder, node: fx.Node, env: dict) -> str:
             return b.op("Flatten", [args[0]], name, axis=1)
     if target is torch.nn.functional.adaptive_avg_pool2d and node.args[1] in (1, (1, 1)):
         return b.op("GlobalAveragePool", [args[0]], name)
+    if getattr(target, "__name__", None) == "stochastic_depth" and target.__module__.startswith("torchvision") \
+            and not (node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)):
+        return args[0]  # torchvision's stochastic depth outside training: the identity
     if target is torch.cat:
         return b.op("Concat", list(args[0] if isinstance(args[0], (list, tuple)) else [args[0]]), name,
                     axis=node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))

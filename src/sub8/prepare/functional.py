@@ -364,8 +364,29 @@ def discover(module: nn.Module, example: torch.Tensor) -> int:
             if isinstance(q, Quantizer):
                 q.bypass = False
     if isinstance(module, fx.GraphModule):
+        _unwrap_idle_calls(module)
         _read_from_layers(module)
     return count
+
+
+def _unwrap_idle_calls(gm: fx.GraphModule) -> None:
+    """OpaqueCalls whose function used no weight and made no product (e.g. torchvision's
+    stochastic depth) go back to plain calls: nothing of theirs is quantized, and the exporter
+    and other graph passes see the function as traced."""
+    idle = {name for name, m in gm.named_modules()
+            if isinstance(m, OpaqueCall) and not len(m.sub8_functional.layers) and not len(m.sub8_functional.products)}
+    if not idle:
+        return
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target in idle:
+            fn = gm.get_submodule(node.target).fn
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_function(fn, node.args, node.kwargs)
+            call.meta = dict(node.meta)
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    gm.recompile()
 
 
 def _read_from_layers(gm: fx.GraphModule) -> None:
