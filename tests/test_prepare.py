@@ -120,3 +120,22 @@ def test_mobilenet_v2_table_and_exact_folding():
     assert sum(f == "relu6" for f in follow.values()) == 35
     assert sum(i.kind == "depthwise" for i in p.layers) == 17
     assert sum(i.macs for i in p.layers) == pytest.approx(300.8e6, rel=0.01)  # MobileNetV2: ~300M MACs
+
+
+def test_optional_forward_arguments_are_fixed_at_their_defaults():
+    class Optional(nn.Module):  # like timm's ViT: forward(x, attn_mask=None, is_causal=False)
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x, mask=None, flip=False):
+            y = self.fc1(x)
+            if mask is not None:
+                y = y * mask
+            return self.fc2(-y if flip else y)
+
+    model = Optional().eval()
+    gm = capture(model)
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    x = torch.randn(3, 4)
+    assert torch.equal(gm(x), model(x))

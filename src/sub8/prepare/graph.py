@@ -6,6 +6,7 @@ ReLU/ReLU6 is its *only* consumer (a conv that also feeds a residual add is not)
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,11 +31,44 @@ def capture(model: nn.Module) -> fx.GraphModule:
     """Trace `model` (in eval mode) into a GraphModule that shares its submodules."""
     model.eval()
     try:
-        graph = _Tracer().trace(model)
+        graph = _Tracer().trace(model, concrete_args=_defaults(model) or None)
     except Exception as exc:  # fx raises many types for data-dependent control flow
         raise Sub8Error(f"could not capture the model's graph with torch.fx "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for node in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        _drop_fixed_input(graph, node)
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
+
+
+def _defaults(model: nn.Module) -> dict:
+    """The forward's optional arguments after the input, at their defaults: sub8 calls a model
+    with one tensor, so these are constants (timm's ViT: attn_mask=None), and the graph keeps a
+    single input."""
+    import inspect
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    simple = (type(None), bool, int, float, str)
+    return {p.name: p.default for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not inspect.Parameter.empty
+            and isinstance(p.default, simple)}
+
+
+def _drop_fixed_input(graph: fx.Graph, node: fx.Node) -> None:
+    """Remove an optional argument that the trace fixed at its default, with the checks fx made
+    of it (that it is None; that it equals the default, and the assertion on that)."""
+    checks, stack = [], list(node.users)
+    while stack:
+        user = stack.pop()
+        name = getattr(user.target, "__name__", "")
+        if user.op != "call_function" or not (name.startswith("_assert") or user.target is operator.eq):
+            return  # the graph really reads it: keep the input
+        checks.append(user)
+        stack.extend(user.users)
+    for user in sorted(set(checks), key=lambda n: -list(graph.nodes).index(n)):
+        graph.erase_node(user)
+    graph.erase_node(node)
 
 
 @dataclass
