@@ -30,9 +30,7 @@ PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Te
 FUSED_ATTENTION = {F.scaled_dot_product_attention}
 NO_MACS = {F.embedding, F.embedding_bag, torch.embedding}
 CONVS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
-# Functions that never multiply by a weight, whatever parameter they are handed.
-ELEMENTWISE_WORDS = ("add", "sub", "mul", "div", "cat", "stack", "expand", "norm", "getitem", "view",
-                     "reshape", "permute", "transpose", "flatten", "repeat", "to", "clone", "contiguous")
+# Fused kernels (attention, RNNs, transformer layers) are known by their names.
 WEIGHT_WORDS = ("linear", "conv", "matmul", "mm", "einsum", "attention", "lstm", "gru", "rnn",
                 "transformer", "embedding", "bilinear")
 
@@ -53,7 +51,7 @@ def _weight_bearing(func) -> bool:
     if func in PRODUCTS or func in CONVS or func in NO_MACS or func is F.linear:
         return True
     name = getattr(func, "__name__", "").lower()
-    return any(w in name for w in WEIGHT_WORDS) and not any(name.strip("_") == w for w in ELEMENTWISE_WORDS)
+    return any(w in name for w in WEIGHT_WORDS)
 
 
 def _flat(tree) -> list:
@@ -86,7 +84,6 @@ class _Census(TorchFunctionMode):
         self.root: nn.Module | None = None
         self.node_path: str | None = None  # while a traced graph runs: its node's module path
 
-
     def quantized_operand(self, t) -> bool:
         return isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() in self.site_storages
 
@@ -117,9 +114,10 @@ class _Census(TorchFunctionMode):
         if func in NO_MACS or not isinstance(result, torch.Tensor):
             return 0
         w = params[0]
-        if func in CONVS:
-            per_out = w[0].numel() if func in (F.conv1d, F.conv2d, F.conv3d) else w.shape[1] * w[0, 0].numel()
-            return result.numel() // self.batch * per_out
+        if func in (F.conv1d, F.conv2d, F.conv3d):  # each output element: one weight filter
+            return result.numel() // self.batch * w[0].numel()
+        if func in CONVS:  # transposed: each input element is spread by one weight slice
+            return first.numel() // self.batch * w[0].numel()
         if func is F.linear or func in PRODUCTS:
             return result.numel() // self.batch * (w.numel() // result.shape[-1] if result.shape[-1] else 0)
         # a fused kernel (attention, RNN): each weight element once per position of its input
