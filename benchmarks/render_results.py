@@ -220,6 +220,8 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
                                    reconstruct_table),
              "reconstruct_mixed": ("Mixed precision against uniform W4A4, both with block reconstruction",
                                    lambda r: reconstruct_table(r, mixed=True)),
+             "reconstruct_mixed_alone": ("Mixed precision with block reconstruction, timed alone",
+                                         lambda r: reconstruct_table(r, mixed=True)),
              "reconstruct_memory": ("Peak memory of block reconstruction: ResNet-50", reconstruct_memory_table),
              "reconstruct_text": ("MiniLM on tweets: layer-wise AdaQuant against transformer-layer reconstruction",
                                   text_table),
