@@ -44,6 +44,12 @@ def _stack(node: fx.Node) -> list[tuple[str, type]]:
     return [(path, cls) for path, cls in stack.values() if path]
 
 
+def module_path(node: fx.Node) -> str | None:
+    """The innermost module whose forward made `node` (None: the model's own forward)."""
+    stack = _stack(node)
+    return stack[-1][0] if stack else None
+
+
 def find_units(module: nn.Module, layers: list, block: bool = True) -> list[Unit]:
     """The reconstruction units of a prepared model, in graph order. `layers`: the prepared
     layer table (prepare.LayerInfo); `block=False`: every layer a unit of its own."""

@@ -23,6 +23,7 @@ from ..errors import Sub8Error
 from ..quant.embedding import QuantEmbedding
 from ..quant.layers import QuantInput, QuantLayer, float_mode
 from ..quant.quantizer import Quantizer
+from .blocks import module_path
 
 # Products of two tensors: when neither is a parameter, an attention-style product of activations.
 PRODUCTS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
@@ -143,8 +144,7 @@ class _Located(fx.Interpreter):
         self.mode = mode
 
     def run_node(self, n: fx.Node):
-        stack = [path for path, _ in (n.meta.get("nn_module_stack") or {}).values() if path]
-        self.mode.node_path = stack[-1] if stack else None
+        self.mode.node_path = module_path(n)
         return super().run_node(n)
 
 

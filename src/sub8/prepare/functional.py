@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 from ..quant.layers import QuantInput, QuantLayer, float_mode
 from ..quant.quantizer import Quantizer
 from ..quant.products import QuantProduct, QuantScaledDotProduct
+from .blocks import module_path
 
 MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm,
            operator.matmul}
@@ -213,11 +214,6 @@ def _is_torch_function(target) -> bool:
         target in (getattr, operator.getitem)
 
 
-def _module_path(node: fx.Node) -> str:
-    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
-    return stack[-1] if stack else ""
-
-
 def _fresh(gm: fx.GraphModule, path: str, stem: str) -> str:
     k = 0
     while True:
@@ -329,7 +325,7 @@ def _product(gm, node, bits, symmetric) -> int:
         if all(_quantized_operand(gm, o) for o in ops):  # e.g. sub8's own explicit attention
             return 0
         module, call_args, call_kwargs = QuantProduct(bits, symmetric, equation), tuple(ops), {}
-    target = _fresh(gm, _module_path(node), "sub8_product")
+    target = _fresh(gm, module_path(node) or "", "sub8_product")
     gm.add_submodule(target, module)
     _replace(gm, node, target, call_args, call_kwargs)
     return 1
@@ -340,7 +336,7 @@ def _opaque(gm, node, bits, symmetric) -> int:
     (its products are found when it runs, so every such call is wrapped)."""
     weight_names = {i: a.target for i, a in enumerate(node.args)
                     if (p := _param_of(gm, a)) is not None and p.dim() >= 2}
-    target = _fresh(gm, _module_path(node), "sub8_call")
+    target = _fresh(gm, module_path(node) or "", "sub8_call")
     gm.add_submodule(target, OpaqueCall(node.target, bits, symmetric, weight_names))
     _replace(gm, node, target, node.args, node.kwargs)
     return 1
