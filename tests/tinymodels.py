@@ -201,3 +201,18 @@ class WithConv1d(nn.Module):
 def tiny_with_conv1d():
     torch.manual_seed(0)
     return WithConv1d().eval(), transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+
+
+# -- one layer made deliberately bad (tests/test_inspect.py) ----------------------------------------
+def tiny_with_outlier():
+    """TinyNet whose `grouped` layer reads one input channel 1000 times larger than the others:
+    dw's channel 3 is scaled up and grouped's weights for it scaled down, so the float function
+    is unchanged but one per-tensor grid must span the outlier (the other channels round to 0).
+    Its logits are scaled up so that the float model is confident and errors show in KL."""
+    model, transform = tiny()
+    with torch.no_grad():
+        model.fc.weight *= 40.0
+        model.dw.weight[3] *= 1000.0
+        model.dw.bias[3] *= 1000.0
+        model.grouped.weight[:, 3] /= 1000.0
+    return model, transform

@@ -108,7 +108,7 @@ HELP_SECTIONS = {
     "Precision": ("w_bits", "a_bits", "first_last_bits", "layer_bits", "embedding_bits", "quantize_attention",
                   "w_symmetric", "w_asymmetric", "a_symmetric", "requantize", "strict"),
     "Recipe": ("pipeline", "steps", "ranges", "percentile", "output_loss"),
-    "Output": ("out_dir", "force", "size_ratios"),
+    "Output": ("out_dir", "force", "size_ratios", "inspect", "inspect_samples", "inspect_top"),
     "Run": ("seed", "device", "forward_batch", "cache_dir", "no_cache", "fresh"),
 }
 METHOD_TITLES = {"adaquant": "AdaQuant", "gptq": "GPTQ"}
@@ -278,6 +278,31 @@ def data_options(text_column: str, label_column: str | None, max_length: int) ->
     return {"text_column": text_column, "label_column": label_column, "max_length": max_length}
 
 
+def inspect_options(fn):
+    options = [
+        click.option("--inspect", is_flag=True, help="last, find the sites that hurt (as `sub8 inspect`), on the "
+                     "evaluation samples if given, else the calibration samples"),
+        click.option("--inspect-samples", default=32, show_default=True, help="samples the inspection uses: "
+                     "each site's measurements rerun the network after it on them"),
+        click.option("--inspect-top", default=3, show_default=True, help="culprits to measure fixes for"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def inspect_settings(on: bool, samples: int, top: int):
+    from .analyzer import InspectSettings
+    if samples < 1 or top < 0:
+        raise Sub8Error("--inspect-samples must be at least 1 and --inspect-top at least 0")
+    return InspectSettings(samples=samples, top=top) if on else None
+
+
+def inspect_summary(record: dict) -> list[str]:
+    from .analyzer import summary
+    return summary(record)
+
+
 @main.command(cls=QuantCommand)
 @quant_options
 @click.option("--eval", "eval_dir", default=None, help="evaluation images (a folder), or texts (a .csv/.jsonl file)")
@@ -291,15 +316,18 @@ def data_options(text_column: str, label_column: str | None, max_length: int) ->
                    "head on float embeddings; --eval's accuracy is then measured through that frozen head")
 @click.option("--out", "out_dir", required=True, help="output folder")
 @click.option("--force", is_flag=True, help="write into a folder that is not a sub8 run: sub8 replaces only its "
-              "own files (report.json, model.safetensors, pareto.*) and keeps the others")
+              "own files (report.json, report.html, model.safetensors, pareto.*) and keeps the others")
+@inspect_options
 @clean_errors
-def quantize(eval_dir, labels, text_column, label_column, max_length, probe_train, out_dir, force, **opts):
-    """Quantize a model and write OUT/report.json and OUT/model.safetensors."""
+def quantize(eval_dir, labels, text_column, label_column, max_length, probe_train, out_dir, force, inspect,
+             inspect_samples, inspect_top, **opts):
+    """Quantize a model and write OUT/report.json, OUT/report.html and OUT/model.safetensors."""
     from .adapters import adapter_for
     from .export import save
     from .export.artifact import artifact_size
+    from .page import report_page
     from .pipeline import quantize as run_quantize
-    from .report import REPORT, atomic_dir, check_output_dir, is_run_file, write_json
+    from .report import PAGE, REPORT, atomic_dir, check_output_dir, is_run_file, write_bytes_atomic, write_json
     from .zoo import load_model
 
     keep_foreign(check_output_dir(out_dir, force), out_dir)
@@ -324,7 +352,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
     calib = calib_set.tensor
     qmodel = run_quantize(loaded.module, calib, config, eval_images=None if eval_set is None else eval_set.tensor,
                           eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"],
-                          probe=probe)
+                          probe=probe, inspect=inspect_settings(inspect, inspect_samples, inspect_top))
     report = qmodel.report
     if probe_record is not None:
         report["probe"] = probe_record
@@ -337,6 +365,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
         path = save(qmodel, tmp, opts["model_spec"], (1,) + tuple(calib.shape[1:]), adapter.describe_input(loaded))
         report["artifact"] = artifact_size(path, report["size"])
         write_json(os.path.join(tmp, REPORT), report)
+        write_bytes_atomic(os.path.join(tmp, PAGE), report_page(report).encode())
     print_summary(report, out_dir)
 
 
@@ -354,9 +383,10 @@ def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opt
     """Allocate, build and evaluate one model per size budget, beside the uniform precisions."""
     from .adapters import adapter_for
     from .pareto import header, pareto as run_pareto
+    from .page import pareto_page
     from .plot import scatter_svg
-    from .report import (REPORT, TOOL, atomic_dir, check_output_dir, is_run_file, versions, write_bytes_atomic,
-                         write_json)
+    from .report import (PAGE, REPORT, TOOL, atomic_dir, check_output_dir, is_run_file, versions,
+                         write_bytes_atomic, write_json)
     from .zoo import load_model
 
     keep_foreign(check_output_dir(out_dir, force), out_dir)
@@ -400,8 +430,63 @@ def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opt
         write_json(os.path.join(tmp, "pareto.json"), result)
         write_bytes_atomic(os.path.join(tmp, "pareto.md"), ("\n".join(lines) + "\n").encode())
         write_bytes_atomic(os.path.join(tmp, "pareto.svg"), svg.encode())
+        write_bytes_atomic(os.path.join(tmp, PAGE), pareto_page(result, svg, lines).encode())
         write_json(os.path.join(tmp, REPORT), {"tool": TOOL, "command": "pareto", "model": opts["model_spec"]})
-    click.echo(f"  wrote {os.path.join(out_dir, 'pareto.json')}, pareto.md and pareto.svg")
+    click.echo(f"  wrote {os.path.join(out_dir, 'pareto.json')}, pareto.md, pareto.svg and {PAGE}")
+
+
+@main.command("inspect")
+@click.argument("run_dir")
+@click.option("--data", required=True, help="samples to inspect on: a folder of images, or a .csv/.jsonl file of "
+              "texts (the calibration or evaluation data again)")
+@click.option("--samples", default=32, show_default=True, help="samples used (chosen at random by the run's seed): "
+              "each site's measurements rerun the network after it on them")
+@click.option("--top", default=3, show_default=True, help="culprits to measure fixes for")
+@click.option("--text-column", default="text", show_default=True, help="text models: the column that holds the text")
+@click.option("--max-length", default=128, show_default=True, help="text models: tokens per text (longer ones are cut)")
+@clean_errors
+def inspect(run_dir, data, samples, top, text_column, max_length):
+    """Find the layers of RUN_DIR's quantized model (a `sub8 quantize` output folder) that lose
+    the most, with a ready --layer-bits line for each; adds `inspect` to its report.json and
+    report.html. The float model comes from the run's model spec."""
+    import json
+
+    from .adapters import adapter_for
+    from .analyzer import inspect as inspect_model, pick_samples
+    from .config import QuantConfig
+    from .export.artifact import load
+    from .page import report_page
+    from .report import PAGE, REPORT, write_bytes_atomic, write_json
+    from .size import size_report
+    from .zoo import load_model
+
+    settings = inspect_settings(True, samples, top)
+    try:
+        with open(os.path.join(run_dir, REPORT)) as fh:
+            report = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise Sub8Error(f"{run_dir!r} is not a finished `sub8 quantize` folder: no readable {REPORT} ({exc})") from None
+    if report.get("tool") != "sub8" or "model" not in report or report.get("command") == "pareto":
+        raise Sub8Error(f"{run_dir!r} is not a `sub8 quantize` folder (its {REPORT} has no model spec)")
+    config = QuantConfig.from_dict(report["config"])
+    progress.say(f"loading the quantized model from {run_dir} and the float model {report['model']['spec']}")
+    quantized = load(run_dir, config.device)
+    loaded = load_model(report["model"]["spec"], report["model"].get("weights"))
+    adapter = adapter_for(loaded.module)
+    progress.say(f"reading up to {settings.samples} samples from {data}")
+    samples_set = adapter.load_samples(data, loaded, "inspection", limit=settings.samples, seed=config.seed,
+                                       **data_options(text_column, None, max_length))
+    tensor = pick_samples(samples_set.tensor, settings.samples, config.seed)
+    reference = adapter.prepare(loaded.module, tensor[:1], config).module
+    record = inspect_model(quantized.prepared, reference, tensor, config,
+                           lambda f, q: adapter.compare(loaded.module, f, q),
+                           lambda: size_report(quantized.prepared)["ratio"], top=settings.top)
+    report["inspect"] = record
+    write_json(os.path.join(run_dir, REPORT), report)
+    write_bytes_atomic(os.path.join(run_dir, PAGE), report_page(report).encode())
+    for line in inspect_summary(record):
+        click.echo(line)
+    click.echo(f"wrote the results into {os.path.join(run_dir, REPORT)} and {PAGE}")
 
 
 @main.command("export")
@@ -491,7 +576,11 @@ def print_summary(report: dict, out_dir: str) -> None:
         click.echo("  " + table_header(labelled))
         click.echo("  " + metrics_line("float", m["float"], 1.0))
         click.echo("  " + metrics_line("quantized", m["quantized"], report["size"]["ratio"]))
-    click.echo(f"  wrote {os.path.join(out_dir, 'report.json')} and {os.path.join(out_dir, 'model.safetensors')}")
+    if "inspect" in report:
+        for line in inspect_summary(report["inspect"]):
+            click.echo("  " + line)
+    click.echo(f"  wrote {os.path.join(out_dir, 'report.json')}, report.html and "
+               f"{os.path.join(out_dir, 'model.safetensors')}")
 
 
 @main.group()

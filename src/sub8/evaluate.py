@@ -74,11 +74,16 @@ def compare_embeddings(float_emb: torch.Tensor, quant_emb: torch.Tensor) -> dict
 def output_loss(kind: str, quant: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """A label-free loss of quantized vs float outputs, summed over the batch (in float64):
     KL(float || quantized) of the softmax outputs, or the mean squared error per sample."""
+    return per_sample_loss(kind, quant, reference).sum()
+
+
+def per_sample_loss(kind: str, quant: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """output_loss of each sample (a float64 vector)."""
     quant, reference = quant.double(), reference.double()
     if kind == "kl":
         f = F.log_softmax(reference.flatten(1), dim=1)
         q = F.log_softmax(quant.flatten(1), dim=1)
-        return (f.exp() * (f - q)).sum()
+        return (f.exp() * (f - q)).sum(dim=1)
     if kind == "mse":
-        return ((quant - reference) ** 2).flatten(1).mean(dim=1).sum()
+        return ((quant - reference) ** 2).flatten(1).mean(dim=1)
     raise Sub8Error(f"unknown output loss {kind!r}; choose one of {', '.join(OUTPUT_LOSSES)}")

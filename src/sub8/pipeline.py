@@ -16,6 +16,7 @@ from torch import nn
 
 from . import progress
 from .adapters import adapter_for
+from .analyzer import InspectSettings, inspect as inspect_model, pick_samples
 from .cache import DiskCache, tensor_digest
 from .choices import PIPELINE_NAMES
 from .config import QuantConfig
@@ -121,14 +122,16 @@ def fidelity(prepared, adapter, model, config, eval_images, float_logits, eval_l
 def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
              eval_images: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
              float_logits: torch.Tensor | None = None, fresh: bool = False, probe=None,
-             executor: Executor | None = None) -> QuantizedModel:
+             executor: Executor | None = None, inspect: InspectSettings | None = None) -> QuantizedModel:
     """Quantize `model` with `config.pipeline` on `calib`; evaluate against the float model on
     `eval_images` when given (`float_logits`, if the caller has them already, saves a pass;
     `probe`, a fitted text.probe.Probe, gives a sentence encoder's accuracy with `eval_labels`).
 
     An interrupted run with the same model, data and config resumes after its last finished
     step (or AdaQuant group) from `config.cache_dir`; `fresh=True` starts over. `executor` runs
-    the independent work (default: in this process; the results do not depend on it)."""
+    the independent work (default: in this process; the results do not depend on it).
+    `inspect` adds a last stage that finds the sites that hurt (analyzer.py) on the evaluation
+    samples, else on the calibration samples."""
     config = config or QuantConfig()
     adapter = adapter_for(model)
     executor = executor or default_executor()
@@ -181,11 +184,21 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
         checkpoints.save({"state": module_state(prepared.module), "records": records, "entry": entry},
                          "step", steps[:k + 1], eval_key)
     checkpoints.clear()
+    inspected = None
+    if inspect is not None:
+        data = pick_samples(eval_images if eval_images is not None else calib, inspect.samples, config.seed)
+        progress.say(f"inspect: every quantized site on {len(data)} samples")
+        with log.step("inspect", config.device):
+            inspected = inspect_model(prepared, prepared.reference, data, config,
+                                      lambda f, q: adapter.compare(model, f, q),
+                                      lambda: size_report(prepared)["ratio"], top=inspect.top)
     report = {"tool": TOOL, "version": REPORT_VERSION, "model_kind": adapter.kind, "config": config.to_dict(), "seed": config.seed, "versions": versions(),
               "calibration": {"n_images": len(calib)},
               "layers": [info.to_dict() for info in prepared.layers], **prepared.other_quantizers(),
               "capture": prepared.capture, "coverage": prepared.coverage,
               "size": size_report(prepared), "steps": log.steps, **records}
+    if inspected is not None:
+        report["inspect"] = inspected
     if metrics is not None:
         report["metrics"] = {"float": adapter.compare(model, float_logits, float_logits, eval_labels, probe),
                              "quantized": metrics}

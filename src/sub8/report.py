@@ -15,6 +15,7 @@ from .errors import Sub8Error, few
 
 TOOL = "sub8"
 REPORT = "report.json"
+PAGE = "report.html"  # report.json as a page (page.py)
 # report.json's layout (docs/report-format.md); 1: before it carried a version.
 REPORT_VERSION = 2
 
@@ -83,7 +84,7 @@ def is_sub8_run(path: str) -> bool:
 
 
 # What a sub8 run writes into its output folder; --force replaces these and nothing else.
-RUN_FILES = (REPORT, "model.safetensors", "pareto.json", "pareto.md", "pareto.svg")
+RUN_FILES = (REPORT, PAGE, "model.safetensors", "pareto.json", "pareto.md", "pareto.svg")
 
 
 def foreign_entries(path: str) -> list[str]:

@@ -37,18 +37,31 @@ class SuffixRunner:
     def __init__(self, module, x: torch.Tensor):
         self.module = module
         self.x = x
+        self._output = None
         if not isinstance(module, fx.GraphModule):
             return
         recorder = fx.Interpreter(module, garbage_collect_values=False)
-        recorder.run(x)
+        self._output = recorder.run(x)
         self.env = recorder.env
         self.nodes = list(module.graph.nodes)
         self.position = {n.target: i for i, n in enumerate(self.nodes) if n.op == "call_module"}
 
+    @property
+    def output(self) -> torch.Tensor:
+        """The model's output on the batch (recorded; run once on first use without a graph)."""
+        if self._output is None:
+            self._output = self.module(self.x)
+        return self._output
+
     def from_layer(self, name: str) -> torch.Tensor:
+        """The output with everything before `name`'s node (or, for a module inside one the
+        graph calls whole, its nearest such ancestor) taken from the recorded run."""
         if not isinstance(self.module, fx.GraphModule):
             return self.module(self.x)
-        before = self.nodes[:self.position[name]]
+        path = name
+        while path not in self.position and "." in path:
+            path = path.rsplit(".", 1)[0]
+        before = self.nodes[:self.position.get(path, 0)]
         return fx.Interpreter(self.module).run(self.x, initial_env={n: self.env[n] for n in before})
 
 

@@ -1,0 +1,496 @@
+"""Find the layer that hurts (`sub8 inspect`, `--inspect`): where the quantized model's error
+comes from, and which one-line change fixes most of it.
+
+For every quantized site (a layer's weights and input, an attention or junction operand, an
+embedding table), on a few samples:
+- the error of its output inside the quantized model against the float model (relative MSE,
+  SQNR): how the error grows along the network;
+- its own share: the output loss (the run's KL or MSE) with only that site quantized, its
+  weights and its input separately;
+- the gain from restoring only that site to float in the quantized model: the culprits' ranking.
+For the worst few, candidate fixes (the weights or the input raised to 8 bits or to float) are
+measured in the finished model, and the cheapest that recovers most of the gain is offered as a
+ready `--layer-bits` line, with its metrics and size.
+
+Each measurement after a site reruns only the network from that site on (allocate.sensitivity's
+SuffixRunner); every other value comes from one recorded float and one recorded quantized run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import progress
+from .allocate.sensitivity import SuffixRunner
+from .calibrate.ranges import ActivationObserver
+from .evaluate import per_sample_loss
+from .prepare.prepare import weight_symmetric
+from .prepare.requantize import QuantTensor
+from .quant.embedding import QuantEmbedding
+from .quant.layers import QuantInput, QuantLayer
+from .quant.quantizer import Quantizer
+from .quant.ranges import estimate
+from .quant.token_mask import real_tokens
+from .table import fmt_bits
+
+@dataclass
+class InspectSettings:
+    """How much to inspect: `samples` from the data (every measurement after a site costs the
+    rest of the network on them), and fixes for the `top` worst sites."""
+    samples: int = 32
+    top: int = 3
+
+
+def pick_samples(data: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """n samples of `data` chosen at random by `seed` (a folder read in order is sorted by
+    class), in their original order; all of it when it has no more."""
+    if len(data) <= n:
+        return data
+    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return data[keep]
+
+
+RECOVERS = 0.8       # a fix is offered when it recovers this share of the float-restore gain
+HISTOGRAM_BINS = 40
+INPUT_SAMPLE = 2 ** 16  # input values kept per site (histograms, an 8-bit range for a fix)
+
+
+def sites_of(module: nn.Module) -> dict[str, tuple[str, nn.Module]]:
+    """{name: (kind, module)}: kind is layer, embedding, junction or operand."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, QuantLayer):
+            out[name] = ("layer", m)
+        elif isinstance(m, QuantEmbedding):
+            out[name] = ("embedding", m)
+        elif isinstance(m, QuantTensor):
+            out[name] = ("junction", m)
+        elif isinstance(m, QuantInput):
+            out[name] = ("operand", m)
+    return out
+
+
+def parts_of(kind: str) -> tuple[str, ...]:
+    """What a site quantizes: its weights, its input, or both."""
+    return {"layer": ("weight", "input"), "embedding": ("weight",)}.get(kind, ("input",))
+
+
+def _quantizer(m: nn.Module, part: str) -> Quantizer:
+    return m.weight_quantizer if part == "weight" else m.input_quantizer
+
+
+@contextlib.contextmanager
+def swapped(root: nn.Module, name: str, module: nn.Module):
+    """`module` in place of root's submodule `name` for the duration of the block."""
+    old = root.get_submodule(name)
+    root.set_submodule(name, module)
+    try:
+        yield
+    finally:
+        root.set_submodule(name, old)
+
+
+@contextlib.contextmanager
+def bypassed(quantizers):
+    before = [q.bypass for q in quantizers]
+    for q in quantizers:
+        q.bypass = True
+    try:
+        yield
+    finally:
+        for q, b in zip(quantizers, before):
+            q.bypass = b
+
+
+def float_copy(reference: nn.Module) -> nn.Module:
+    """A copy of the prepared float model with every quantizer off for good."""
+    module = copy.deepcopy(reference).eval()
+    for q in module.modules():
+        if isinstance(q, Quantizer):
+            q.bypass = True
+    return module
+
+
+def only_part(q_site: nn.Module, f_site: nn.Module, part: str, kind: str) -> nn.Module:
+    """The site with only `part` quantized: its weights (the quantized model's weight, bias and
+    grid; those were fitted together) with a float input, or the float weight and bias with
+    the quantized model's input grid."""
+    if len(parts_of(kind)) == 1:
+        return q_site
+    if part == "weight":
+        site = copy.copy(q_site)  # shares the quantized model's tensors; only the input is float
+        site._modules = {**q_site._modules, "input_quantizer": _off(q_site.input_quantizer)}
+    else:
+        site = copy.copy(f_site)
+        site._modules = {**f_site._modules, "input_quantizer": q_site.input_quantizer}
+    return site
+
+
+def _off(q: Quantizer) -> Quantizer:
+    q = copy.deepcopy(q)
+    q.bypass = True
+    return q
+
+
+def _bits(m: nn.Module, part: str):
+    q = _quantizer(m, part)
+    return q.bits if q.enabled else None
+
+
+def _site_bits(kind: str, m: nn.Module) -> dict:
+    return {part: _bits(m, part) for part in parts_of(kind)}
+
+
+class _Recorder:
+    """Forward hooks that keep (or compare) each site's outputs, in call order."""
+
+    def __init__(self, sites: dict, kinds: dict, reference: dict | None = None):
+        self.outputs = {name: [] for name in sites}
+        self.order: list[str] = []
+        self.reference = reference
+        self.err = dict.fromkeys(sites, 0.0)
+        self.ref = dict.fromkeys(sites, 0.0)
+        self.handles = [m.register_forward_hook(self._hook(name, kinds[name])) for name, m in sites.items()]
+
+    def _hook(self, name, kind):
+        def hook(module, args, out):
+            if not isinstance(out, torch.Tensor):
+                return
+            out = out.detach()
+            out = module.real(out) if kind in ("operand", "junction") else real_tokens(out)
+            if name not in self.order:
+                self.order.append(name)
+            if self.reference is None:
+                self.outputs[name].append(out)
+                return
+            k = len(self.outputs[name])
+            self.outputs[name].append(None)  # only the count: the float run keeps the values
+            f = self.reference[name][k].double()
+            self.err[name] += ((out.double() - f) ** 2).sum().item()
+            self.ref[name] += (f ** 2).sum().item()
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _record(module, x, sites, kinds, reference=None, observers=None):
+    """One run of `module` on x, recorded for suffix reruns, with its sites' outputs (and their
+    inputs' samples, with `observers`)."""
+    recorder = _Recorder(sites, kinds, reference)
+    for name, obs in (observers or {}).items():
+        sites[name].observer = obs
+    try:
+        runner = SuffixRunner(module, x)
+        runner.output  # a model without a graph runs here, under the hooks
+    finally:
+        recorder.close()
+        for name in observers or {}:
+            sites[name].observer = None
+    return runner, recorder
+
+
+def _histogram(values: torch.Tensor, lo: float | None = None, hi: float | None = None) -> dict:
+    values = values.double()
+    a, b = values.min().item(), values.max().item()
+    if lo is not None:
+        a, b = min(a, lo), max(b, hi)
+    if b <= a:
+        b = a + 1e-12
+    counts = torch.histc(values, bins=HISTOGRAM_BINS, min=a, max=b)
+    edges = torch.linspace(a, b, HISTOGRAM_BINS + 1)
+    return {"edges": [round(e, 6) for e in edges.tolist()], "counts": [int(c) for c in counts.tolist()]}
+
+
+def _clip_range(q: Quantizer) -> tuple[float, float]:
+    step, zero = q.step.detach().double().flatten(), q.zero_point.detach().double().round().flatten()
+    return (((q.qmin - zero) * step).min().item(), ((q.qmax - zero) * step).max().item())
+
+
+def _weight_ranges(m: nn.Module) -> dict:
+    """Per output channel (or row) weight ranges of the float weight, and how far they spread."""
+    rows = m.layer.weight.detach().reshape(m.layer.weight.shape[0], -1).double()
+    ranges = rows.max(dim=1).values - rows.min(dim=1).values
+    median = ranges.median().item()
+    return {"channels": len(ranges), "max": ranges.max().item(), "median": median,
+            "spread": ranges.max().item() / median if median > 0 else None, "histogram": _histogram(ranges)}
+
+
+def _input_values(q_site: nn.Module, obs: ActivationObserver | None) -> dict | None:
+    if obs is None or not obs.samples:
+        return None
+    values = obs.values()
+    q = q_site.input_quantizer
+    out = {"min": obs.lo, "max": obs.hi}
+    if q.enabled and q.initialized:
+        lo, hi = _clip_range(q)
+        out.update({"clip_lo": lo, "clip_hi": hi, "clipped": ((values < lo) | (values > hi)).double().mean().item(),
+                    "histogram": _histogram(values, lo, hi)})
+    else:
+        out["histogram"] = _histogram(values)
+    return out
+
+
+def _raised(kind, q_site, f_site, raise_to: dict, config, observer) -> nn.Module:
+    """The site with some parts raised (`raise_to[part]`: 8 or None for float) in the finished
+    model: a raised weight starts again from the float weight and bias, with an 8-bit grid
+    from the config's range method; a raised input takes an 8-bit grid from the inputs seen
+    in the quantized model (round to nearest: a rerun with the line refits it)."""
+    m = copy.deepcopy(q_site)
+    if "weight" in raise_to:
+        m.layer.load_state_dict(f_site.layer.state_dict())
+        q = m.weight_quantizer
+        q.bits, q.bypass = raise_to["weight"], False
+        if q.bits is not None:
+            q.symmetric = weight_symmetric(config, q.bits)
+            rows = m.layer.weight.detach().reshape(q.step.shape[0], -1)
+            q.set_range(*estimate(rows, config.ranges, q.bits, q.symmetric, config.percentile))
+    if "input" in raise_to:
+        q = m.input_quantizer
+        q.bits, q.bypass = raise_to["input"], False
+        if q.bits is not None:
+            q.symmetric = config.a_symmetric
+            values = observer.values().to(q.step.device)[None]
+            q.set_range(*estimate(values, config.ranges, q.bits, q.symmetric, config.percentile))
+    return m
+
+
+def candidate_fixes(kind: str, bits: dict) -> list[dict]:
+    """{part: 8 or None (float)} changes to try for a site, cheapest first: one part to 8 bits,
+    then to float; then both parts. Only changes that raise something."""
+    options = {part: ([8] if b is not None and b < 8 else []) + ([None] if b is not None else [])
+               for part, b in bits.items()}
+    singles = [{part: v} for part, vs in options.items() for v in vs]
+    both = []
+    if len(options) == 2 and all(options.values()):
+        both = [dict(zip(options, pair)) for pair in ((8, 8), (None, None)) if all(
+                v in options[p] for p, v in zip(options, pair))]
+
+    def cost(fix):  # weight bits weigh more than activation bits: they are stored
+        return sum((32 if v is None else v) - (bits[p] or 32) for p, v in fix.items() if p == "weight") * 4 + \
+            sum((32 if v is None else v) - (bits[p] or 32) for p, v in fix.items() if p == "input")
+    return sorted(singles + both, key=cost)
+
+
+def layer_bits_line(name: str, kind: str, bits: dict, fix: dict) -> str | None:
+    """The `--layer-bits` value that applies a layer's fix (None for other kinds)."""
+    if kind != "layer":
+        return None
+    new = {**bits, **fix}
+    return f"{name}={fmt_bits(new['weight'])},{fmt_bits(new['input'])}"
+
+
+GLOBAL_FIXES = {"junction": "--no-requantize", "operand": "--no-attention", "embedding": "--embedding-bits float"}
+
+
+@torch.no_grad()
+def inspect(quantized, float_reference: nn.Module, data: torch.Tensor, config, compare, size_ratio,
+            top: int = 3, batch: int | None = None) -> dict:
+    """The analysis of `quantized` (a PreparedModel) against `float_reference` (the prepared
+    float model: the run's `prepared.reference`, or a fresh prepare of the float model) on
+    `data`. `compare(float_out, quant_out)` gives the run's metrics; `size_ratio()` the size of
+    `quantized` as it stands (sites swapped in included)."""
+    start = time.perf_counter()
+    kind_loss = config.output_loss
+    batch = batch or config.forward_batch
+    device = next(quantized.module.parameters()).device
+    qm, fm = quantized.module.eval(), float_copy(float_reference).to(device)
+    q_sites = sites_of(qm)
+    f_sites = sites_of(fm)
+    if set(q_sites) != set(f_sites):
+        odd = sorted(set(q_sites) ^ set(f_sites))
+        raise ValueError(f"the float reference does not match the quantized model: {', '.join(odd[:5])}")
+    kinds = {n: k for n, (k, _) in q_sites.items()}
+    q_mods = {n: m for n, (_, m) in q_sites.items()}
+    f_mods = {n: m for n, (_, m) in f_sites.items()}
+    active = {n: _site_bits(kinds[n], m) for n, m in q_mods.items()}
+    active = {n: b for n, b in active.items() if any(v is not None for v in b.values())}
+    names = list(active)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    n_batches = -(-len(data) // batch)
+    observers = {n: ActivationObserver(n, max(1, INPUT_SAMPLE // n_batches), generator)
+                 for n in names if "input" in parts_of(kinds[n]) and active[n]["input"] is not None}
+    share = {n: {p: 0.0 for p in parts_of(kinds[n]) if active[n][p] is not None} for n in names}
+    alone = {n: {p: only_part(q_mods[n], f_mods[n], p, kinds[n]) for p in share[n]} for n in names}
+    restored = {n: [] for n in names}  # per-sample losses: the gains' sampling error
+    base, order = [], []
+    err, ref = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    float_out, quant_out = [], []
+    per_batch = sum(len(share[n]) + 1 for n in names)
+    with progress.bar(per_batch * n_batches, "inspect: one site at a time", "run") as shown:
+        for i in range(0, len(data), batch):
+            x = data[i:i + batch].to(device)
+            f_run, f_rec = _record(fm, x, f_mods, kinds)
+            q_run, q_rec = _record(qm, x, q_mods, kinds, reference=f_rec.outputs, observers=observers)
+            f_y, q_y = f_run.output, q_run.output
+            float_out.append(f_y.float().cpu())
+            quant_out.append(q_y.float().cpu())
+            base.append(per_sample_loss(kind_loss, q_y.float().cpu(), f_y.float().cpu()))
+            for n in names:
+                err[n] += q_rec.err[n]
+                ref[n] += q_rec.ref[n]
+            order = order or [n for n in f_rec.order if n in active]
+            del f_rec, q_rec
+            target = f_y.float().cpu()
+            for n in names:
+                for part in share[n]:  # only this part of this site quantized
+                    with swapped(fm, n, alone[n][part]):
+                        out = f_run.from_layer(n)
+                    share[n][part] += per_sample_loss(kind_loss, out.float().cpu(), target).sum().item()
+                    shown.update(1)
+                with swapped(qm, n, f_mods[n]):  # all quantized but this site
+                    out = q_run.from_layer(n)
+                restored[n].append(per_sample_loss(kind_loss, out.float().cpu(), target))
+                shown.update(1)
+            del f_run, q_run
+    count = len(data)
+    base = torch.cat(base)
+    base_loss = base.mean().item()
+    float_out, quant_out = torch.cat(float_out), torch.cat(quant_out)
+    order += [n for n in names if n not in order]
+    rows = []
+    for k, n in enumerate(order):
+        rel = err[n] / ref[n] if ref[n] > 0 else None
+        gains = base - torch.cat(restored[n])  # paired: the same samples with and without the site
+        rows.append({"name": n, "kind": kinds[n], "position": k, "bits": active[n],
+                     "relative_mse": rel, "sqnr_db": (-10 * math.log10(rel) if rel else None),
+                     "share": {p: v / count for p, v in share[n].items()}, "restore_gain": gains.mean().item(),
+                     "restore_gain_se": standard_error(gains)})
+    ranked = sorted(rows, key=lambda r: -r["restore_gain"])
+    for rank, r in enumerate(ranked, 1):
+        r["rank"] = rank
+    worst = [r for r in ranked[:top] if r["restore_gain"] > 0]  # restoring the others gains nothing
+    culprits = _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, base_loss,
+                      float_out, compare, size_ratio)
+    return {"samples": count, "loss": kind_loss, "baseline": {"loss": base_loss, "loss_se": standard_error(base),
+                                                              "metrics": compare(float_out, quant_out),
+                                                              "size_ratio": size_ratio()},
+            "sites": rows, "culprits": culprits, "seconds": time.perf_counter() - start}
+
+
+def _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, base_loss, float_out,
+           compare, size_ratio) -> list[dict]:
+    """Measure each culprit's candidate fixes in the finished model (a second recorded run of
+    the quantized model per batch) and keep the cheapest that recovers RECOVERS of its gain."""
+    device = next(qm.parameters()).device
+    plans = []
+    for r in worst:
+        n, kind = r["name"], r["kind"]
+        if kind == "layer":
+            fixes = [(fix, _raised(kind, q_mods[n], f_mods[n], fix, config, observers.get(n)))
+                     for fix in candidate_fixes(kind, r["bits"])
+                     if "input" not in fix or fix["input"] is None or n in observers]
+            plans.append((r, [(fix, {n: m}) for fix, m in fixes]))
+        else:  # the global option that turns this kind of site off: every site of the kind float
+            everywhere = {s: f_mods[s] for s in q_mods if _kind_of(q_mods[s]) == kind}
+            plans.append((r, [({"option": GLOBAL_FIXES[kind]}, everywhere)]))
+    losses = [[0.0] * len(c) for _, c in plans]
+    outs = [[[] for _ in c] for _, c in plans]
+    total = sum(len(c) for _, c in plans) * -(-len(data) // batch)
+    with progress.bar(total, "inspect: candidate fixes", "run") as shown:
+        for i in range(0, len(data), batch):
+            x = data[i:i + batch].to(device)
+            run = SuffixRunner(qm, x)
+            target = float_out[i:i + batch]
+            for j, (r, cands) in enumerate(plans):
+                for c, (_, replace) in enumerate(cands):
+                    with contextlib.ExitStack() as stack:
+                        for s, m in replace.items():
+                            stack.enter_context(swapped(qm, s, m))
+                        out = run.from_layer(r["name"]) if len(replace) == 1 else qm(x)
+                    out = out.float().cpu()
+                    losses[j][c] += per_sample_loss(config.output_loss, out, target).sum().item()
+                    outs[j][c].append(out)
+                    shown.update(1)
+            del run
+    result = []
+    for j, (r, cands) in enumerate(plans):
+        gain = r["restore_gain"]
+        measured = []
+        for c, (fix, replace) in enumerate(cands):
+            with contextlib.ExitStack() as stack:
+                for s, m in replace.items():
+                    stack.enter_context(swapped(qm, s, m))
+                ratio = size_ratio()
+            loss = losses[j][c] / len(data)
+            measured.append({"fix": fix, "loss": loss, "size_ratio": ratio,
+                             "recovered": (base_loss - loss) / gain if gain > 0 else None})
+        pick = next((c for c, m in enumerate(measured) if m["recovered"] is not None and m["recovered"] >= RECOVERS),
+                    min(range(len(measured)), key=lambda c: measured[c]["loss"]) if measured else None)
+        entry = {k: r[k] for k in ("name", "kind", "bits", "rank", "restore_gain", "restore_gain_se", "share",
+                                   "sqnr_db", "relative_mse")}
+        entry["significant"] = significant(r)
+        n = r["name"]
+        if r["kind"] == "layer":
+            entry["weight_ranges"] = _weight_ranges(f_mods[n])
+        entry["input"] = _input_values(q_mods[n], observers.get(n)) if "input" in r["bits"] else None
+        entry["candidates"] = [{**m, "fix": _fix_text(m["fix"])} for m in measured]
+        if pick is not None:
+            chosen = measured[pick]
+            fix = chosen["fix"]
+            line = layer_bits_line(n, r["kind"], r["bits"], fix) if "option" not in fix else None
+            entry["suggestion"] = {"layer_bits": line,
+                                   "command_line": f"--layer-bits '{line}'" if line else fix["option"],
+                                   "loss": chosen["loss"], "recovered": chosen["recovered"],
+                                   "size_ratio": chosen["size_ratio"],
+                                   "metrics": compare(float_out, torch.cat(outs[j][pick]))}
+        result.append(entry)
+    return result
+
+
+def standard_error(values: torch.Tensor) -> float | None:
+    """The standard error of the mean of per-sample values (None for one sample)."""
+    return (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else None
+
+
+def significant(entry: dict) -> bool:
+    """A restore gain at least twice its standard error: not the samples' chance."""
+    se = entry.get("restore_gain_se")
+    return se is None or entry["restore_gain"] > 2 * se
+
+
+def _kind_of(m: nn.Module) -> str:
+    return {QuantLayer: "layer", QuantEmbedding: "embedding"}.get(
+        type(m), "junction" if isinstance(m, QuantTensor) else "operand")
+
+
+def _fix_text(fix: dict) -> str:
+    if "option" in fix:
+        return fix["option"]
+    return ", ".join(f"{part} {fmt_bits(v)}" for part, v in fix.items())
+
+
+def summary(record: dict, shown: int | None = None) -> list[str]:
+    """The inspect results in a few terminal lines: the culprits, worst first, with their numbers
+    and the line that fixes each."""
+    base = record["baseline"]
+    loss = record["loss"]
+    metric = "cosine_similarity" if "cosine_similarity" in base["metrics"] else "top1_agreement"
+    lines = [f"inspect ({record['samples']} samples, {record['seconds']:.1f} s): {loss} {base['loss']:.4g}, "
+             f"{metric.replace('_', ' ')} {base['metrics'][metric]:.3f}, size {100 * base['size_ratio']:.2f}%; "
+             f"the culprits, worst first:"]
+    if not record["culprits"]:
+        lines.append("  no site gains anything when restored to float")
+    for c in record["culprits"][:shown]:
+        bits = " ".join(f"{'W' if p == 'weight' else 'A'}{fmt_bits(b)}" for p, b in c["bits"].items())
+        share = ", ".join(f"{p} {v:.3g}" for p, v in c["share"].items())
+        sqnr = f", SQNR {c['sqnr_db']:.1f} dB" if c["sqnr_db"] is not None else ""
+        noise = "" if c["significant"] else " (within the samples' noise: inspect more samples to tell)"
+        lines.append(f"  {c['rank']}. {c['name']} ({c['kind']} {bits}): float gains {c['restore_gain']:.3g} "
+                     f"± {c['restore_gain_se'] or 0:.2g} of {base['loss']:.3g}{noise}; alone {share}{sqnr}")
+        s = c.get("suggestion")
+        if s:
+            m = s["metrics"]
+            recovered = f"{100 * s['recovered']:.0f}% of the gain" if s["recovered"] is not None else "n/a"
+            lines.append(f"     fix: {s['command_line']}  -> {loss} {s['loss']:.3g} ({recovered}), "
+                         f"{metric.replace('_', ' ')} {m[metric]:.3f}, size {100 * s['size_ratio']:.2f}%")
+    return lines
