@@ -2,11 +2,11 @@
 redone with them, and what the inspection costs against evaluating the quantized model.
 
     python benchmarks/bench_inspect.py --photos data/bench-photos [--model zoo:mobilenet_v2]
-        [--bits W8A8,W4A8] [--samples 32] [--json PATH]
+        [--bits W8A8,W4A8] [--samples 32] [--confirm 64] [--json PATH]
 
 Per precision, in one process: the default pipeline on the calibration photos; one evaluation
-of the quantized model on every evaluation photo (timed alone); the inspection on `--samples`
-of them (timed); then the run redone with the first culprit's suggested --layer-bits line, both
+of the quantized model on every evaluation photo (timed alone); the inspection (timed), ranking
+on `--samples` of them and measuring the worst again on `--confirm` others; then the run redone with the first culprit's suggested --layer-bits line, both
 evaluated on every evaluation photo. Writes benchmarks/results/inspect.json.
 """
 
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from results_io import write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.adapters import adapter_for  # noqa: E402
-from sub8.analyzer import inspect, pick_samples, summary  # noqa: E402
+from sub8.analyzer import inspect, split_samples, summary  # noqa: E402
 from sub8.config import parse_layer_bits  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import predict  # noqa: E402
@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="W8A8,W4A8")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--confirm", type=int, default=64)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     loaded = load_model(args.model)
@@ -62,15 +63,15 @@ def main(argv=None) -> int:
         predict(q.module, evals)
         eval_seconds = time.perf_counter() - start
         resolved = QuantConfig.from_dict(q.report["config"])
-        data = pick_samples(evals, args.samples, resolved.seed)
+        data, fresh = split_samples(evals, args.samples, args.confirm, resolved.seed)
         record = inspect(q.prepared, q.prepared.reference, data, resolved,
                          lambda f, o: adapter.compare(loaded.module, f, o),
-                         lambda: size_report(q.prepared)["ratio"], top=args.top)
+                         lambda: size_report(q.prepared)["ratio"], top=args.top, fresh=fresh)
         print("\n".join(summary(record)))
         row = {"model": args.model, "bits": bits, "run_seconds": run_seconds, "metrics": q.report["metrics"]["quantized"],
                "size_ratio": q.report["size"]["ratio"], "eval_photos": len(evals), "eval_seconds": eval_seconds,
                "inspect_seconds": record["seconds"], "inspect_over_eval": record["seconds"] / eval_seconds,
-               "inspect": {k: record[k] for k in ("samples", "loss", "baseline", "culprits")}}
+               "inspect": {k: record[k] for k in ("samples", "fresh_samples", "loss", "baseline", "culprits")}}
         first = next((c for c in record["culprits"] if (c.get("suggestion") or {}).get("layer_bits")), None)
         if first is not None:
             line = first["suggestion"]["layer_bits"]

@@ -47,6 +47,9 @@ def test_the_outlier_layer_ranks_first_and_its_line_fixes_most_of_the_loss(outli
     # its input grid is the larger problem; its weights for the tiny channel round to 0 too
     assert first["share"]["input"] > first["share"]["weight"] > 0
     assert first["restore_gain"] > 0.8 * ins["baseline"]["loss"]
+    # and again on the 24 calibration samples the ranking did not use
+    assert first["confirmed"] and first["fresh"]["samples"] == 24
+    assert first["fresh"]["restore_gain"] > 0.8 * first["fresh"]["loss"]
     # the error is visible where it starts: the lowest SQNR along the network is its output
     sqnr = {s["name"]: s["sqnr_db"] for s in ins["sites"]}
     assert min(sqnr, key=sqnr.get) == "grouped"
@@ -67,7 +70,7 @@ def test_shares_gains_and_errors_equal_direct_computations(outlier_run):
     and the quantized model with one site's weights and quantizers set to float."""
     model, calib, q = outlier_run
     ins = q.report["inspect"]
-    x = sub8.analyzer.pick_samples(calib, 24, 0)
+    x, _ = sub8.analyzer.split_samples(calib, 24, 0, 0)
     reference = float_copy(q.prepared.reference)
     with torch.no_grad():
         float_out = reference(x)

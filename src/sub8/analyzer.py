@@ -42,19 +42,21 @@ from .table import fmt_bits
 
 @dataclass
 class InspectSettings:
-    """How much to inspect: `samples` from the data (every measurement after a site costs the
-    rest of the network on them), and fixes for the `top` worst sites."""
+    """How much to inspect: `samples` from the data to rank the sites on (every measurement after
+    a site costs the rest of the network on them), and the `top` worst sites' gains and fixes
+    measured again on `confirm` other samples."""
     samples: int = 32
     top: int = 3
+    confirm: int = 64  # other samples the worst sites are measured again on
 
 
-def pick_samples(data: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """n samples of `data` chosen at random by `seed` (a folder read in order is sorted by
-    class), in their original order; all of it when it has no more."""
-    if len(data) <= n:
-        return data
-    keep = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return data[keep]
+def split_samples(data: torch.Tensor, n: int, confirm: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(n samples to rank the sites on, up to `confirm` others to measure the worst again on),
+    chosen at random by `seed` (a folder read in order is sorted by class), each in the data's
+    order; no others (None) when the data has no more than n."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    ranked, rest = order[:n].sort().values, order[n:n + confirm].sort().values
+    return data[ranked], (data[rest] if len(rest) else None)
 
 
 RECOVERS = 0.8       # a fix is offered when it recovers this share of the float-restore gain
@@ -293,11 +295,12 @@ GLOBAL_FIXES = {"junction": "--no-requantize", "operand": "--no-attention", "emb
 
 @torch.no_grad()
 def inspect(quantized, float_reference: nn.Module, data: torch.Tensor, config, compare, size_ratio,
-            top: int = 3, batch: int | None = None) -> dict:
+            top: int = 3, batch: int | None = None, fresh: torch.Tensor | None = None) -> dict:
     """The analysis of `quantized` (a PreparedModel) against `float_reference` (the prepared
     float model: the run's `prepared.reference`, or a fresh prepare of the float model) on
-    `data`. `compare(float_out, quant_out)` gives the run's metrics; `size_ratio()` the size of
-    `quantized` as it stands (sites swapped in included)."""
+    `data`; the worst sites' gains and fixes are measured again on `fresh` samples (others than
+    `data`; without them, on `data`). `compare(float_out, quant_out)` gives the run's metrics;
+    `size_ratio()` the size of `quantized` as it stands (sites swapped in included)."""
     start = time.perf_counter()
     kind_loss = config.output_loss
     batch = batch or config.forward_batch
@@ -369,38 +372,41 @@ def inspect(quantized, float_reference: nn.Module, data: torch.Tensor, config, c
     for rank, r in enumerate(ranked, 1):
         r["rank"] = rank
     worst = [r for r in ranked[:top] if r["restore_gain"] > 0]  # restoring the others gains nothing
-    culprits = _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, base_loss,
-                      float_out, compare, size_ratio)
-    return {"samples": count, "loss": kind_loss, "baseline": {"loss": base_loss, "loss_se": standard_error(base),
+    culprits = _fixes(worst, qm, fm, q_mods, f_mods, observers, data if fresh is None else fresh, batch, config,
+                      compare, size_ratio)
+    return {"samples": count, "fresh_samples": len(data) if fresh is None else len(fresh), "loss": kind_loss, "baseline": {"loss": base_loss, "loss_se": standard_error(base),
                                                               "metrics": compare(float_out, quant_out),
                                                               "size_ratio": size_ratio()},
             "sites": rows, "culprits": culprits, "seconds": time.perf_counter() - start}
 
 
-def _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, base_loss, float_out,
-           compare, size_ratio) -> list[dict]:
-    """Measure each culprit's candidate fixes in the finished model (a second recorded run of
-    the quantized model per batch) and keep the cheapest that recovers RECOVERS of its gain."""
+def _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, compare, size_ratio) -> list[dict]:
+    """Measure each culprit's gain from float again, and its candidate fixes, on `data`: samples
+    the ranking did not see, so that a gain that only won the ranking by the samples' chance
+    shows as such. The cheapest fix that recovers RECOVERS of that gain is suggested."""
     device = next(qm.parameters()).device
     plans = []
     for r in worst:
         n, kind = r["name"], r["kind"]
         if kind == "layer":
-            fixes = [(fix, _raised(kind, q_mods[n], f_mods[n], fix, config, observers.get(n)))
+            fixes = [(fix, {n: _raised(kind, q_mods[n], f_mods[n], fix, config, observers.get(n))})
                      for fix in candidate_fixes(kind, r["bits"])
                      if "input" not in fix or fix["input"] is None or n in observers]
-            plans.append((r, [(fix, {n: m}) for fix, m in fixes]))
         else:  # the global option that turns this kind of site off: every site of the kind float
-            everywhere = {s: f_mods[s] for s in q_mods if _kind_of(q_mods[s]) == kind}
-            plans.append((r, [({"option": GLOBAL_FIXES[kind]}, everywhere)]))
-    losses = [[0.0] * len(c) for _, c in plans]
+            fixes = [({"option": GLOBAL_FIXES[kind]}, {s: f_mods[s] for s in q_mods if _kind_of(q_mods[s]) == kind})]
+        plans.append((r, [({"restore": True}, {n: f_mods[n]})] + fixes))
+    losses = [[[] for _ in c] for _, c in plans]
     outs = [[[] for _ in c] for _, c in plans]
+    base, float_out, quant_out = [], [], []
     total = sum(len(c) for _, c in plans) * -(-len(data) // batch)
-    with progress.bar(total, "inspect: candidate fixes", "run") as shown:
+    with progress.bar(total, "inspect: culprits on fresh samples" if total else None, "run") as shown:
         for i in range(0, len(data), batch):
             x = data[i:i + batch].to(device)
+            target = fm(x).float().cpu()
             run = SuffixRunner(qm, x)
-            target = float_out[i:i + batch]
+            float_out.append(target)
+            quant_out.append(run.output.float().cpu())
+            base.append(per_sample_loss(config.output_loss, quant_out[-1], target))
             for j, (r, cands) in enumerate(plans):
                 for c, (_, replace) in enumerate(cands):
                     with contextlib.ExitStack() as stack:
@@ -408,41 +414,48 @@ def _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, base_l
                             stack.enter_context(swapped(qm, s, m))
                         out = run.from_layer(r["name"]) if len(replace) == 1 else qm(x)
                     out = out.float().cpu()
-                    losses[j][c] += per_sample_loss(config.output_loss, out, target).sum().item()
+                    losses[j][c].append(per_sample_loss(config.output_loss, out, target))
                     outs[j][c].append(out)
                     shown.update(1)
             del run
+    if not plans:
+        return []
+    base, float_out = torch.cat(base), torch.cat(float_out)
     result = []
     for j, (r, cands) in enumerate(plans):
-        gain = r["restore_gain"]
+        n = r["name"]
+        restored = base - torch.cat(losses[j][0])
+        gain = restored.mean().item()
         measured = []
-        for c, (fix, replace) in enumerate(cands):
+        for c, (fix, replace) in enumerate(cands[1:], 1):
             with contextlib.ExitStack() as stack:
                 for s, m in replace.items():
                     stack.enter_context(swapped(qm, s, m))
                 ratio = size_ratio()
-            loss = losses[j][c] / len(data)
-            measured.append({"fix": fix, "loss": loss, "size_ratio": ratio,
-                             "recovered": (base_loss - loss) / gain if gain > 0 else None})
-        pick = next((c for c, m in enumerate(measured) if m["recovered"] is not None and m["recovered"] >= RECOVERS),
-                    min(range(len(measured)), key=lambda c: measured[c]["loss"]) if measured else None)
+            loss = torch.cat(losses[j][c]).mean().item()
+            measured.append({"fix": fix, "loss": loss, "size_ratio": ratio, "index": c,
+                             "recovered": (base.mean().item() - loss) / gain if gain > 0 else None})
+        pick = next((m for m in measured if m["recovered"] is not None and m["recovered"] >= RECOVERS),
+                    min(measured, key=lambda m: m["loss"]) if measured else None)
         entry = {k: r[k] for k in ("name", "kind", "bits", "rank", "restore_gain", "restore_gain_se", "share",
                                    "sqnr_db", "relative_mse")}
-        entry["significant"] = significant(r)
-        n = r["name"]
+        entry["fresh"] = {"samples": len(base), "loss": base.mean().item(), "restore_gain": gain,
+                          "restore_gain_se": standard_error(restored)}
+        entry["confirmed"] = significant(entry["fresh"])
         if r["kind"] == "layer":
             entry["weight_ranges"] = _weight_ranges(f_mods[n])
         entry["input"] = _input_values(q_mods[n], observers.get(n)) if "input" in r["bits"] else None
-        entry["candidates"] = [{**m, "fix": _fix_text(m["fix"])} for m in measured]
+        entry["candidates"] = [{k: v for k, v in m.items() if k != "index"} | {"fix": _fix_text(m["fix"])}
+                               for m in measured]
         if pick is not None:
-            chosen = measured[pick]
-            fix = chosen["fix"]
+            fix = pick["fix"]
             line = layer_bits_line(n, r["kind"], r["bits"], fix) if "option" not in fix else None
             entry["suggestion"] = {"layer_bits": line,
                                    "command_line": f"--layer-bits '{line}'" if line else fix["option"],
-                                   "loss": chosen["loss"], "recovered": chosen["recovered"],
-                                   "size_ratio": chosen["size_ratio"],
-                                   "metrics": compare(float_out, torch.cat(outs[j][pick]))}
+                                   "loss": pick["loss"], "recovered": pick["recovered"],
+                                   "size_ratio": pick["size_ratio"],
+                                   "metrics": compare(float_out, torch.cat(outs[j][pick["index"]])),
+                                   "metrics_before": compare(float_out, torch.cat(quant_out))}
         result.append(entry)
     return result
 
@@ -475,22 +488,24 @@ def summary(record: dict, shown: int | None = None) -> list[str]:
     base = record["baseline"]
     loss = record["loss"]
     metric = "cosine_similarity" if "cosine_similarity" in base["metrics"] else "top1_agreement"
-    lines = [f"inspect ({record['samples']} samples, {record['seconds']:.1f} s): {loss} {base['loss']:.4g}, "
-             f"{metric.replace('_', ' ')} {base['metrics'][metric]:.3f}, size {100 * base['size_ratio']:.2f}%; "
-             f"the culprits, worst first:"]
+    label = metric.replace("_", " ")
+    lines = [f"inspect ({record['seconds']:.1f} s): ranked on {record['samples']} samples ({loss} {base['loss']:.4g}, "
+             f"{label} {base['metrics'][metric]:.3f}, size {100 * base['size_ratio']:.2f}%), the worst measured "
+             f"again on {record['fresh_samples']} others; the culprits, worst first:"]
     if not record["culprits"]:
         lines.append("  no site gains anything when restored to float")
     for c in record["culprits"][:shown]:
         bits = " ".join(f"{'W' if p == 'weight' else 'A'}{fmt_bits(b)}" for p, b in c["bits"].items())
         share = ", ".join(f"{p} {v:.3g}" for p, v in c["share"].items())
         sqnr = f", SQNR {c['sqnr_db']:.1f} dB" if c["sqnr_db"] is not None else ""
-        noise = "" if c["significant"] else " (within the samples' noise: inspect more samples to tell)"
-        lines.append(f"  {c['rank']}. {c['name']} ({c['kind']} {bits}): float gains {c['restore_gain']:.3g} "
-                     f"± {c['restore_gain_se'] or 0:.2g} of {base['loss']:.3g}{noise}; alone {share}{sqnr}")
+        f = c["fresh"]
+        verdict = "" if c["confirmed"] else " -- not confirmed: within the samples' noise"
+        lines.append(f"  {c['rank']}. {c['name']} ({c['kind']} {bits}): float gains {f['restore_gain']:.3g} "
+                     f"± {f['restore_gain_se'] or 0:.2g} of {f['loss']:.3g}{verdict}; alone {share}{sqnr}")
         s = c.get("suggestion")
         if s:
-            m = s["metrics"]
-            recovered = f"{100 * s['recovered']:.0f}% of the gain" if s["recovered"] is not None else "n/a"
-            lines.append(f"     fix: {s['command_line']}  -> {loss} {s['loss']:.3g} ({recovered}), "
-                         f"{metric.replace('_', ' ')} {m[metric]:.3f}, size {100 * s['size_ratio']:.2f}%")
+            m, before = s["metrics"], s["metrics_before"]
+            recovered = f"{100 * s['recovered']:.0f}% of the gain" if s["recovered"] is not None else "no gain"
+            lines.append(f"     fix: {s['command_line']}  -> {loss} {s['loss']:.3g} ({recovered}), {label} "
+                         f"{before[metric]:.3f} -> {m[metric]:.3f}, size {100 * s['size_ratio']:.2f}%")
     return lines

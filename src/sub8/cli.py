@@ -108,7 +108,7 @@ HELP_SECTIONS = {
     "Precision": ("w_bits", "a_bits", "first_last_bits", "layer_bits", "embedding_bits", "quantize_attention",
                   "w_symmetric", "w_asymmetric", "a_symmetric", "requantize", "strict"),
     "Recipe": ("pipeline", "steps", "ranges", "percentile", "output_loss"),
-    "Output": ("out_dir", "force", "size_ratios", "inspect", "inspect_samples", "inspect_top"),
+    "Output": ("out_dir", "force", "size_ratios", "inspect", "inspect_samples", "inspect_top", "inspect_confirm"),
     "Run": ("seed", "device", "forward_batch", "cache_dir", "no_cache", "fresh"),
 }
 METHOD_TITLES = {"adaquant": "AdaQuant", "gptq": "GPTQ"}
@@ -285,17 +285,19 @@ def inspect_options(fn):
         click.option("--inspect-samples", default=32, show_default=True, help="samples the inspection uses: "
                      "each site's measurements rerun the network after it on them"),
         click.option("--inspect-top", default=3, show_default=True, help="culprits to measure fixes for"),
+        click.option("--inspect-confirm", default=64, show_default=True, help="other samples the culprits' gains "
+                     "and fixes are measured again on (a gain that only won the ranking by chance shows there)"),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def inspect_settings(on: bool, samples: int, top: int):
+def inspect_settings(on: bool, samples: int, top: int, confirm: int):
     from .analyzer import InspectSettings
-    if samples < 1 or top < 0:
-        raise Sub8Error("--inspect-samples must be at least 1 and --inspect-top at least 0")
-    return InspectSettings(samples=samples, top=top) if on else None
+    if samples < 1 or top < 0 or confirm < 0:
+        raise Sub8Error("--inspect-samples must be at least 1, --inspect-top and --inspect-confirm at least 0")
+    return InspectSettings(samples=samples, top=top, confirm=confirm) if on else None
 
 
 def inspect_summary(record: dict) -> list[str]:
@@ -320,7 +322,7 @@ def inspect_summary(record: dict) -> list[str]:
 @inspect_options
 @clean_errors
 def quantize(eval_dir, labels, text_column, label_column, max_length, probe_train, out_dir, force, inspect,
-             inspect_samples, inspect_top, **opts):
+             inspect_samples, inspect_top, inspect_confirm, **opts):
     """Quantize a model and write OUT/report.json, OUT/report.html and OUT/model.safetensors."""
     from .adapters import adapter_for
     from .export import save
@@ -352,7 +354,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
     calib = calib_set.tensor
     qmodel = run_quantize(loaded.module, calib, config, eval_images=None if eval_set is None else eval_set.tensor,
                           eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"],
-                          probe=probe, inspect=inspect_settings(inspect, inspect_samples, inspect_top))
+                          probe=probe, inspect=inspect_settings(inspect, inspect_samples, inspect_top, inspect_confirm))
     report = qmodel.report
     if probe_record is not None:
         report["probe"] = probe_record
@@ -439,20 +441,22 @@ def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opt
 @click.argument("run_dir")
 @click.option("--data", required=True, help="samples to inspect on: a folder of images, or a .csv/.jsonl file of "
               "texts (the calibration or evaluation data again)")
-@click.option("--samples", default=32, show_default=True, help="samples used (chosen at random by the run's seed): "
-              "each site's measurements rerun the network after it on them")
+@click.option("--samples", default=32, show_default=True, help="samples to rank the sites on (chosen at random by "
+              "the run's seed): each site's measurements rerun the network after it on them")
 @click.option("--top", default=3, show_default=True, help="culprits to measure fixes for")
+@click.option("--confirm", default=64, show_default=True, help="other samples the culprits' gains and fixes are "
+              "measured again on (a gain that only won the ranking by chance shows there)")
 @click.option("--text-column", default="text", show_default=True, help="text models: the column that holds the text")
 @click.option("--max-length", default=128, show_default=True, help="text models: tokens per text (longer ones are cut)")
 @clean_errors
-def inspect(run_dir, data, samples, top, text_column, max_length):
+def inspect(run_dir, data, samples, top, confirm, text_column, max_length):
     """Find the layers of RUN_DIR's quantized model (a `sub8 quantize` output folder) that lose
     the most, with a ready --layer-bits line for each; adds `inspect` to its report.json and
     report.html. The float model comes from the run's model spec."""
     import json
 
     from .adapters import adapter_for
-    from .analyzer import inspect as inspect_model, pick_samples
+    from .analyzer import inspect as inspect_model, split_samples
     from .config import QuantConfig
     from .export.artifact import load
     from .page import report_page
@@ -460,7 +464,7 @@ def inspect(run_dir, data, samples, top, text_column, max_length):
     from .size import size_report
     from .zoo import load_model
 
-    settings = inspect_settings(True, samples, top)
+    settings = inspect_settings(True, samples, top, confirm)
     try:
         with open(os.path.join(run_dir, REPORT)) as fh:
             report = json.load(fh)
@@ -473,14 +477,15 @@ def inspect(run_dir, data, samples, top, text_column, max_length):
     quantized = load(run_dir, config.device)
     loaded = load_model(report["model"]["spec"], report["model"].get("weights"))
     adapter = adapter_for(loaded.module)
-    progress.say(f"reading up to {settings.samples} samples from {data}")
-    samples_set = adapter.load_samples(data, loaded, "inspection", limit=settings.samples, seed=config.seed,
+    wanted = settings.samples + settings.confirm
+    progress.say(f"reading up to {wanted} samples from {data}")
+    samples_set = adapter.load_samples(data, loaded, "inspection", limit=wanted, seed=config.seed,
                                        **data_options(text_column, None, max_length))
-    tensor = pick_samples(samples_set.tensor, settings.samples, config.seed)
+    tensor, fresh = split_samples(samples_set.tensor, settings.samples, settings.confirm, config.seed)
     reference = adapter.prepare(loaded.module, tensor[:1], config).module
     record = inspect_model(quantized.prepared, reference, tensor, config,
                            lambda f, q: adapter.compare(loaded.module, f, q),
-                           lambda: size_report(quantized.prepared)["ratio"], top=settings.top)
+                           lambda: size_report(quantized.prepared)["ratio"], top=settings.top, fresh=fresh)
     report["inspect"] = record
     write_json(os.path.join(run_dir, REPORT), report)
     write_bytes_atomic(os.path.join(run_dir, PAGE), report_page(report).encode())

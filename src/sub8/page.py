@@ -134,23 +134,28 @@ def _inspect(report: dict) -> str:
     base = ins["baseline"]
     keys = _metric_keys(base["metrics"])
     out = ["<h2>Inspect: the layers that hurt</h2>",
-           f"<p>On {ins['samples']} samples, output loss {escape(ins['loss'])} {_num(base['loss'])} "
-           f"(quantized vs float). A fix is measured in the finished model: the raised part gets a "
-           f"round-to-nearest grid; rerunning with the line refits it.</p>"]
+           f"<p>Every site ranked on {ins['samples']} samples by what the quantized model gains when only "
+           f"that site is float ({escape(ins['loss'])} {_num(base['loss'])} before); the worst measured again, "
+           f"with their fixes, on {ins['fresh_samples']} other samples. A fix is measured in the finished "
+           f"model (the raised part gets a round-to-nearest grid); rerunning with the line refits it.</p>"]
     rows = []
     for c in ins["culprits"]:
         s = c.get("suggestion") or {}
         m = s.get("metrics") or {}
-        rows.append([c["rank"], c["name"], _bits_text(c["bits"]), c["restore_gain"],
+        f = c["fresh"]
+        rows.append([c["rank"], c["name"], _bits_text(c["bits"]), c["restore_gain"], f["restore_gain"],
+                     f["restore_gain_se"], "yes" if c["confirmed"] else "no: noise",
                      c["share"].get("weight"), c["share"].get("input"), c["sqnr_db"],
                      s.get("command_line", ""), s.get("loss"), s.get("recovered"), s.get("size_ratio")]
                     + [m.get(k) for k in keys])
-    out.append(_table(["rank", "site", "bits", "gain restoring it", "share: weights", "share: input", "SQNR dB",
-                       "suggested", f"{ins['loss']} after", "recovered", "size ratio"]
-                      + [METRIC_LABELS[k] + " after" for k in keys], rows,
-                      {0, 3, 4, 5, 6, 8, 9, 10} | set(range(11, 11 + len(keys)))))
-    out.append(f"<p>Before any fix: size ratio {_num(base['size_ratio'])}, "
-               + ", ".join(f"{METRIC_LABELS[k]} {_num(base['metrics'][k])}" for k in keys) + ".</p>")
+    out.append(_table(["rank", "site", "bits", "gain (ranking)", "gain (other samples)", "± SE", "confirmed",
+                       "share: weights", "share: input", "SQNR dB", "suggested", f"{ins['loss']} after",
+                       "recovered", "size ratio"] + [METRIC_LABELS[k] + " after" for k in keys], rows,
+                      {0, 3, 4, 5, 7, 8, 9, 11, 12, 13} | set(range(14, 14 + len(keys)))))
+    before = next((c["suggestion"]["metrics_before"] for c in ins["culprits"] if c.get("suggestion")), None)
+    if before is not None:
+        out.append(f"<p>Before any fix, on the other samples: size ratio {_num(base['size_ratio'])}, "
+                   + ", ".join(f"{METRIC_LABELS[k]} {_num(before[k])}" for k in keys) + ".</p>")
     out.append(plot.culprits_figure(ins["sites"]))
     out.append(plot.error_growth_figure(ins["sites"]))
     for i, c in enumerate(ins["culprits"]):

@@ -16,7 +16,7 @@ from torch import nn
 
 from . import progress
 from .adapters import adapter_for
-from .analyzer import InspectSettings, inspect as inspect_model, pick_samples
+from .analyzer import InspectSettings, inspect as inspect_model, split_samples
 from .cache import DiskCache, tensor_digest
 from .choices import PIPELINE_NAMES
 from .config import QuantConfig
@@ -186,12 +186,13 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     checkpoints.clear()
     inspected = None
     if inspect is not None:
-        data = pick_samples(eval_images if eval_images is not None else calib, inspect.samples, config.seed)
+        data, fresh = split_samples(eval_images if eval_images is not None else calib, inspect.samples,
+                                    inspect.confirm, config.seed)
         progress.say(f"inspect: every quantized site on {len(data)} samples")
         with log.step("inspect", config.device):
             inspected = inspect_model(prepared, prepared.reference, data, config,
                                       lambda f, q: adapter.compare(model, f, q),
-                                      lambda: size_report(prepared)["ratio"], top=inspect.top)
+                                      lambda: size_report(prepared)["ratio"], top=inspect.top, fresh=fresh)
     report = {"tool": TOOL, "version": REPORT_VERSION, "model_kind": adapter.kind, "config": config.to_dict(), "seed": config.seed, "versions": versions(),
               "calibration": {"n_images": len(calib)},
               "layers": [info.to_dict() for info in prepared.layers], **prepared.other_quantizers(),
