@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import sub8
 import tinymodels
-from sub8.analyzer import InspectSettings, candidate_fixes, float_copy, sites_of
+from sub8.analyzer import InspectSettings, candidate_fixes, channels_last, float_copy, sites_of
 from sub8.cli import main
 from sub8.config import parse_layer_bits
 from sub8.evaluate import output_loss
@@ -71,9 +71,12 @@ def test_shares_gains_and_errors_equal_direct_computations(outlier_run):
     model, calib, q = outlier_run
     ins = q.report["inspect"]
     x, _ = sub8.analyzer.split_samples(calib, 24, 0, 0)
+
+    def run(module, inputs=x):  # in inspect's layout (channels last), one batch as inspect ran it
+        with channels_last(module), torch.no_grad():
+            return module(inputs.contiguous(memory_format=torch.channels_last))
     reference = float_copy(q.prepared.reference)
-    with torch.no_grad():
-        float_out = reference(x)
+    float_out = run(reference)
     rows = {s["name"]: s for s in ins["sites"]}
     for name in ("grouped", "block.conv1", "requant_add_0"):
         kind, q_site = sites_of(q.module)[name]
@@ -87,20 +90,16 @@ def test_shares_gains_and_errors_equal_direct_computations(outlier_run):
             target.load_state_dict(quantizer.state_dict())
             target.bits, target.signed, target.symmetric, target.bypass = (quantizer.bits, quantizer.signed,
                                                                             quantizer.symmetric, False)
-            with torch.no_grad():
-                direct = output_loss("kl", alone(x), float_out).item() / len(x)
+            direct = output_loss("kl", run(alone), float_out).item() / len(x)
             assert value == pytest.approx(direct, rel=1e-6, abs=1e-12), (name, part)
         restored = float_copy(q.prepared.reference)
         full = __import__("copy").deepcopy(q.module)
         full.set_submodule(name, restored.get_submodule(name))
-        with torch.no_grad():
-            direct_gain = ins["baseline"]["loss"] - output_loss("kl", full(x), float_out).item() / len(x)
+        direct_gain = ins["baseline"]["loss"] - output_loss("kl", run(full), float_out).item() / len(x)
         assert rows[name]["restore_gain"] == pytest.approx(direct_gain, rel=1e-6, abs=1e-12)
     # relative MSE of the first layer's output, from its own input (the same for both models)
     first = q.report["layers"][0]["name"]
-    with torch.no_grad():
-        f_out = reference.get_submodule(first)(x)
-        q_out = q.module.get_submodule(first)(x)
+    f_out, q_out = run(reference.get_submodule(first)), run(q.module.get_submodule(first))
     rel = ((q_out.double() - f_out.double()) ** 2).sum() / (f_out.double() ** 2).sum()
     assert rows[first]["relative_mse"] == pytest.approx(rel.item(), rel=1e-6)
 

@@ -109,7 +109,7 @@ HELP_SECTIONS = {
                   "w_symmetric", "w_asymmetric", "a_symmetric", "requantize", "strict"),
     "Recipe": ("pipeline", "steps", "ranges", "percentile", "output_loss"),
     "Output": ("out_dir", "force", "size_ratios", "inspect", "inspect_samples", "inspect_top", "inspect_confirm"),
-    "Run": ("seed", "device", "forward_batch", "cache_dir", "no_cache", "fresh"),
+    "Run": ("seed", "device", "forward_batch", "cache_dir", "no_cache", "fresh", "executor_kind", "ray_address"),
 }
 METHOD_TITLES = {"adaquant": "AdaQuant", "gptq": "GPTQ"}
 
@@ -244,6 +244,12 @@ def quant_options(fn):
         click.option("--no-cache", is_flag=True, help="neither read nor write the cache"),
         click.option("--fresh", is_flag=True, help="start over: read nothing from the cache (an "
                      "interrupted run of the same command otherwise resumes after its last finished step)"),
+        click.option("--executor", "executor_kind", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True, help="where the independent work runs (candidate precisions, sensitivity "
+                     "cells, parallel AdaQuant groups, Pareto points): this process, or Ray tasks (pip install "
+                     "'sub8[ray]'); the results are the same"),
+        click.option("--ray-address", default=None, help="with --executor ray: auto (the cluster `ray start` runs "
+                     "here) or HOST:PORT of a cluster's head [default: a Ray instance started for the run]"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -272,6 +278,17 @@ def build_config(o: dict):
                        output_loss=o["output_loss"], device=o["device"], methods=methods, **extra)
     _RUN.update(cache_dir=config.cache_dir, started=True)
     return config
+
+
+def build_executor(o: dict):
+    """The run's executor; a Ray cluster that cannot be reached is an error before any work."""
+    if o["executor_kind"] == "local":
+        if o["ray_address"] is not None:
+            raise Sub8Error("--ray-address needs --executor ray")
+        return None
+    from .ray_executor import RayExecutor
+    progress.say(f"connecting to Ray ({o['ray_address'] or 'a local instance for this run'})")
+    return RayExecutor(o["ray_address"], o["device"])
 
 
 def data_options(text_column: str, label_column: str | None, max_length: int) -> dict:
@@ -334,6 +351,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
 
     keep_foreign(check_output_dir(out_dir, force), out_dir)
     config = build_config(opts)
+    executor = build_executor(opts)
     progress.say(f"loading the model {opts['model_spec']}")
     loaded = load_model(opts["model_spec"], opts["weights"])
     adapter = adapter_for(loaded.module)
@@ -354,7 +372,8 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
     calib = calib_set.tensor
     qmodel = run_quantize(loaded.module, calib, config, eval_images=None if eval_set is None else eval_set.tensor,
                           eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"],
-                          probe=probe, inspect=inspect_settings(inspect, inspect_samples, inspect_top, inspect_confirm))
+                          probe=probe, inspect=inspect_settings(inspect, inspect_samples, inspect_top, inspect_confirm),
+                          executor=executor)
     report = qmodel.report
     if probe_record is not None:
         report["probe"] = probe_record
@@ -402,6 +421,7 @@ def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opt
         raise Sub8Error("--size-ratios needs at least one budget")
     opts["setting__size_ratio"] = opts["setting__size_ratio"] or ratios[0]  # each point sets its own
     config = build_config(opts)
+    executor = build_executor(opts)
     loaded = load_model(opts["model_spec"], opts["weights"])
     adapter = adapter_for(loaded.module)
     reading = data_options(text_column, None, max_length)
@@ -409,7 +429,7 @@ def pareto(eval_dir, text_column, max_length, size_ratios, out_dir, force, **opt
                                  **reading).tensor
     evals = adapter.load_samples(eval_dir, loaded, "evaluation", seed=config.seed, **reading).tensor
     click.echo(header())
-    result = run_pareto(loaded.module, calib, evals, config, ratios, echo=click.echo)
+    result = run_pareto(loaded.module, calib, evals, config, ratios, echo=click.echo, executor=executor)
     metric = result["metric"]
     result.update({"tool": TOOL, "model": opts["model_spec"], "config": config.to_dict(), "versions": versions()})
     good = [r for r in result["points"] if "error" not in r]

@@ -135,6 +135,7 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     config = config or QuantConfig()
     adapter = adapter_for(model)
     executor = executor or default_executor()
+    first_stage = len(executor.stages)
     if config.output_loss is None:
         config = replace(config, output_loss=adapter.default_output_loss(model))
     if config.ranges == "auto":
@@ -197,7 +198,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
               "calibration": {"n_images": len(calib)},
               "layers": [info.to_dict() for info in prepared.layers], **prepared.other_quantizers(),
               "capture": prepared.capture, "coverage": prepared.coverage,
-              "size": size_report(prepared), "steps": log.steps, **records}
+              "size": size_report(prepared), "steps": log.steps, "executor": executor.summary(first_stage),
+              **records}
     if inspected is not None:
         report["inspect"] = inspected
     if metrics is not None:

@@ -176,15 +176,24 @@ def sensitivities(prepared: PreparedModel, layers: list[str], states: dict, base
                 losses[p] = got
             else:
                 todo[p] = states[p]
-    # One work item per precision: the model holds the base states, each item swaps one layer
-    # at a time in and back (an executor elsewhere gets its own copy of the model).
-    items = [SensitivityWork(prepared.module, layers, states[base], todo[p], sample, reference, kind, batch)
-             for p in todo]
+    # One work item per precision and group of layers: the model holds the base states, each
+    # item swaps one layer at a time in and back (an executor elsewhere gets its own copy of the
+    # model). Each cell is measured alone, so how the layers are grouped changes no number; an
+    # executor with more slots than precisions gets the table cut finer.
+    n_groups = max(1, min(len(layers), -(-2 * executor.slots // max(1, len(todo))))) if executor.slots > 1 else 1
+    groups = [layers[g::n_groups] for g in range(n_groups)]
+    cells = [(p, g) for p in todo for g in groups]
+    items = [SensitivityWork(prepared.module, g, states[base], {n: todo[p][n] for n in g}, sample, reference, kind,
+                             batch) for p, g in cells]
     results = executor.map(measure_precision, items)
-    with progress.bar(len(items), "sensitivity" if show_progress else None, "precision") as shown:
-        for p, got in zip(todo, results):
-            cache.put("sensitivity", fingerprint(common, base, p, kind), got)
-            losses[p] = got
+    got = {p: {} for p in todo}
+    with progress.bar(len(items), "sensitivity" if show_progress else None, "cell group") as shown:
+        for (p, g), values in zip(cells, results):
+            got[p].update(values)
+            if len(got[p]) == len(layers):
+                ordered = {n: got[p][n] for n in layers}
+                cache.put("sensitivity", fingerprint(common, base, p, kind), ordered)
+                losses[p] = ordered
             shown.update(1)
     return base_loss, losses
 
