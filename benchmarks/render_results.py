@@ -206,6 +206,59 @@ def zoo_table(r: dict) -> list[str]:
     return lines + [""]
 
 
+def inspect_table(r: dict) -> list[str]:
+    lines = []
+    for x in r["rows"]:
+        ins, m = x["inspect"], x["metrics"]
+        lines += [f"### {x['model']} {x['bits']}, the default pipeline", "",
+                  f"On all {x['eval_photos']} evaluation photos: confident top-1 {fmt(m['top1_agreement_confident'])}, "
+                  f"top-1 {fmt(m['top1_agreement'])}, KL {fmt(m['kl'], 4)}, size ratio {fmt(x['size_ratio'], 4)}. "
+                  f"Inspection: {x['inspect_seconds']:.1f} s, ranking on {ins['samples']} photos and measuring the "
+                  f"worst again on {ins['fresh_samples']} others; one evaluation of the quantized model on all "
+                  f"{x['eval_photos']}: {x['eval_seconds']:.1f} s (inspection / evaluation "
+                  f"{x['inspect_over_eval']:.2f}).", "",
+                  f"| rank | site | bits | gain restoring it ({ins['loss']}, ranking) | gain on other photos ± SE | "
+                  "confirmed | own share: weights | own share: input | SQNR dB | suggested line | "
+                  f"{ins['loss']} after (other photos) | size ratio after |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in ins["culprits"]:
+            f, s = c["fresh"], c.get("suggestion") or {}
+            bits = " ".join(f"{'W' if p == 'weight' else 'A'}{b}" for p, b in c["bits"].items())
+            lines.append(f"| {c['rank']} | {c['name']} | {bits} | {fmt(c['restore_gain'], 4)} | "
+                         f"{fmt(f['restore_gain'], 4)} ± {fmt(f['restore_gain_se'], 4)} of {fmt(f['loss'], 4)} | "
+                         f"{'yes' if c['confirmed'] else 'no'} | {fmt(c['share'].get('weight'), 4)} | "
+                         f"{fmt(c['share'].get('input'), 4)} | {fmt(c['sqnr_db'], 1)} | `{s.get('command_line', '')}` | "
+                         f"{fmt(s.get('loss'), 4)} | {fmt(s.get('size_ratio'), 4)} |")
+        rerun = x.get("rerun_with_first_line")
+        if rerun:
+            rm = rerun["metrics"]
+            lines += ["", f"Run again with `--layer-bits '{rerun['layer_bits']}'`, on all {x['eval_photos']} photos: "
+                      f"confident top-1 {fmt(m['top1_agreement_confident'])} -> {fmt(rm['top1_agreement_confident'])}, "
+                      f"top-1 {fmt(m['top1_agreement'])} -> {fmt(rm['top1_agreement'])}, KL {fmt(m['kl'], 4)} -> "
+                      f"{fmt(rm['kl'], 4)}, size ratio {fmt(x['size_ratio'], 4)} -> {fmt(rerun['size_ratio'], 4)}."]
+        lines.append("")
+    return lines
+
+
+def ray_table(r: dict) -> list[str]:
+    w = r["wall_seconds"]
+    lines = [f"{r['args']['model']}, light pipeline at size ratio <= {r['args']['size_ratio']}: the same allocation "
+             f"{r['same']['allocation']}, sensitivities {r['same']['sensitivity']}, metrics {r['same']['metrics']}. "
+             f"Wall time: in this process {w['local']:.1f} s, on two Ray nodes of one CPU each (this machine) "
+             f"{w['ray']:.1f} s.", "",
+             "| stage | tasks | nodes | local: summed task s | Ray: summed task s | Ray: stage wall s | "
+             "Ray task time / local |", "|---|---|---|---|---|---|---|"]
+    for x in r["stages"]:
+        lines.append(f"| {x['stage']} | {x['tasks']} | {x['nodes']} | {fmt(x['local_task_seconds'], 1)} | "
+                     f"{fmt(x['ray_task_seconds'], 1)} | {fmt(x['ray_wall_seconds'], 1)} | "
+                     f"{fmt(x['ray_task_over_local_task'], 2)} |")
+    p = r["predicted_seconds"]
+    lines += ["", "Predicted wall time from the Ray run's measured task durations (each distributed stage's tasks "
+              "scheduled longest first on N one-CPU nodes; the other steps as measured):", "",
+              "| nodes | " + " | ".join(str(n) for n in p) + " |", "|---|" + "---|" * len(p),
+              "| seconds | " + " | ".join(fmt(v, 1) for v in p.values()) + " |", ""]
+    return lines
+
+
 RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_quality_table),
              "gptq": ("GPTQ vs round-to-nearest vs sequential AdaQuant", gptq_tables),
              "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table),
@@ -225,7 +278,9 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "reconstruct_memory": ("Peak memory of block reconstruction: ResNet-50", reconstruct_memory_table),
              "reconstruct_text": ("MiniLM on tweets: layer-wise AdaQuant against transformer-layer reconstruction",
                                   text_table),
-             "zoo": ("Any model: 24 torchvision and 13 timm architectures", zoo_table)}
+             "zoo": ("Any model: 24 torchvision and 13 timm architectures", zoo_table),
+             "inspect": ("sub8 inspect: the culprits, and what their lines do when a run is redone", inspect_table),
+             "ray": ("The light pipeline on a two-node Ray cluster against this process", ray_table)}
 
 
 def provenance(r: dict) -> str:

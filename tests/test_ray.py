@@ -97,6 +97,22 @@ def test_light_pipeline_on_two_nodes_equals_the_local_run(cluster, local_result)
     assert local_result.report["executor"]["kind"] == "local" and local_stages == set(stages)
 
 
+def test_the_cli_runs_on_the_cluster(cluster, image_dirs, tmp_path):
+    import json
+    calib, evals = image_dirs
+    reports = {}
+    for kind, extra in (("local", []), ("ray", ["--executor", "ray", "--ray-address", cluster])):
+        out = tmp_path / kind
+        result = CliRunner().invoke(main, ["quantize", "--model", "python:tinymodels:tiny", "--calib", calib,
+                                           "--eval", evals, "--samples", "8", "--steps", "ranges,allocate",
+                                           "--size-ratio", "0.25", "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        reports[kind] = json.load(open(out / "report.json"))
+    assert reports["ray"]["executor"]["kind"] == "ray" and reports["local"]["executor"]["kind"] == "local"
+    assert reports["ray"]["allocate"]["choice"] == reports["local"]["allocate"]["choice"]
+    assert reports["ray"]["metrics"] == reports["local"]["metrics"]
+
+
 class KillingExecutor:
     """A RayExecutor that, once the sensitivity cells are submitted, kills a worker that runs one."""
 

@@ -210,6 +210,7 @@ def tiny_with_outlier():
     is unchanged but one per-tensor grid must span the outlier (the other channels round to 0).
     Its logits are scaled up so that the float model is confident and errors show in KL."""
     model, transform = tiny()
+    model.stem[2].inplace = True  # as torchvision's models write it: the conv's output is clamped in place
     with torch.no_grad():
         model.fc.weight *= 40.0
         model.dw.weight[3] *= 1000.0

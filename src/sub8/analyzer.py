@@ -190,8 +190,8 @@ class _Recorder:
             out = module.real(out) if kind in ("operand", "junction") else real_tokens(out)
             if name not in self.order:
                 self.order.append(name)
-            if self.reference is None:
-                self.outputs[name].append(out)
+            if self.reference is None:  # a copy: an in-place activation after the site changes `out`
+                self.outputs[name].append(out.clone())
                 return
             k = len(self.outputs[name])
             self.outputs[name].append(None)  # only the count: the float run keeps the values
