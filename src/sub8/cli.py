@@ -299,7 +299,7 @@ def inspect_options(fn):
     options = [
         click.option("--inspect", is_flag=True, help="last, find the sites that hurt (as `sub8 inspect`), on the "
                      "evaluation samples if given, else the calibration samples"),
-        click.option("--inspect-samples", default=32, show_default=True, help="samples the inspection uses: "
+        click.option("--inspect-samples", default=32, show_default=True, help="samples to rank the sites on: "
                      "each site's measurements rerun the network after it on them"),
         click.option("--inspect-top", default=3, show_default=True, help="culprits to measure fixes for"),
         click.option("--inspect-confirm", default=64, show_default=True, help="other samples the culprits' gains "
