@@ -41,6 +41,7 @@ from .quant.ranges import estimate
 from .quant.token_mask import real_tokens
 from .table import fmt_bits
 
+
 @dataclass
 class InspectSettings:
     """How much to inspect: `samples` from the data to rank the sites on (every measurement after
@@ -65,19 +66,18 @@ HISTOGRAM_BINS = 40
 INPUT_SAMPLE = 2 ** 16  # input values kept per site (histograms, an 8-bit range for a fix)
 
 
+def site_kind(m: nn.Module) -> str | None:
+    """layer, embedding, junction or operand; None for a module that quantizes nothing."""
+    for cls, kind in ((QuantLayer, "layer"), (QuantEmbedding, "embedding"), (QuantTensor, "junction"),
+                      (QuantInput, "operand")):
+        if isinstance(m, cls):
+            return kind
+    return None
+
+
 def sites_of(module: nn.Module) -> dict[str, tuple[str, nn.Module]]:
-    """{name: (kind, module)}: kind is layer, embedding, junction or operand."""
-    out = {}
-    for name, m in module.named_modules():
-        if isinstance(m, QuantLayer):
-            out[name] = ("layer", m)
-        elif isinstance(m, QuantEmbedding):
-            out[name] = ("embedding", m)
-        elif isinstance(m, QuantTensor):
-            out[name] = ("junction", m)
-        elif isinstance(m, QuantInput):
-            out[name] = ("operand", m)
-    return out
+    """{name: (kind, module)} of every quantized site (site_kind)."""
+    return {name: (site_kind(m), m) for name, m in module.named_modules() if site_kind(m) is not None}
 
 
 def parts_of(kind: str) -> tuple[str, ...]:
@@ -262,7 +262,7 @@ def _input_values(q_site: nn.Module, obs: ActivationObserver | None) -> dict | N
     return out
 
 
-def _raised(kind, q_site, f_site, raise_to: dict, config, observer) -> nn.Module:
+def _raised(q_site, f_site, raise_to: dict, config, observer) -> nn.Module:
     """The site with some parts raised (`raise_to[part]`: 8 or None for float) in the finished
     model: a raised weight starts again from the float weight and bias, with an 8-bit grid
     from the config's range method; a raised input takes an 8-bit grid from the inputs seen
@@ -416,17 +416,19 @@ def _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, compar
     for r in worst:
         n, kind = r["name"], r["kind"]
         if kind == "layer":
-            fixes = [(fix, {n: _raised(kind, q_mods[n], f_mods[n], fix, config, observers.get(n))})
+            fixes = [(fix, {n: _raised(q_mods[n], f_mods[n], fix, config, observers.get(n))})
                      for fix in candidate_fixes(kind, r["bits"])
                      if "input" not in fix or fix["input"] is None or n in observers]
         else:  # the global option that turns this kind of site off: every site of the kind float
-            fixes = [({"option": GLOBAL_FIXES[kind]}, {s: f_mods[s] for s in q_mods if _kind_of(q_mods[s]) == kind})]
+            fixes = [({"option": GLOBAL_FIXES[kind]}, {s: f_mods[s] for s in q_mods if site_kind(q_mods[s]) == kind})]
         plans.append((r, [({"restore": True}, {n: f_mods[n]})] + fixes))
+    if not plans:
+        return []
     losses = [[[] for _ in c] for _, c in plans]
     outs = [[[] for _ in c] for _, c in plans]
     base, float_out, quant_out = [], [], []
     total = sum(len(c) for _, c in plans) * -(-len(data) // batch)
-    with progress.bar(total, "inspect: culprits on fresh samples" if total else None, "run") as shown:
+    with progress.bar(total, "inspect: culprits on fresh samples", "run") as shown:
         for i in range(0, len(data), batch):
             x = _layout(data[i:i + batch].to(device))
             target = fm(x).float().cpu()
@@ -445,9 +447,8 @@ def _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, compar
                     outs[j][c].append(out)
                     shown.update(1)
             del run
-    if not plans:
-        return []
     base, float_out = torch.cat(base), torch.cat(float_out)
+    before = compare(float_out, torch.cat(quant_out))  # the same for every culprit
     result = []
     for j, (r, cands) in enumerate(plans):
         n = r["name"]
@@ -486,7 +487,7 @@ def _fixes(worst, qm, fm, q_mods, f_mods, observers, data, batch, config, compar
                                    "loss": pick["loss"], "recovered": pick["recovered"],
                                    "size_ratio": pick["size_ratio"],
                                    "metrics": compare(float_out, torch.cat(outs[j][pick["index"]])),
-                                   "metrics_before": compare(float_out, torch.cat(quant_out))}
+                                   "metrics_before": before}
         result.append(entry)
     return result
 
@@ -502,9 +503,9 @@ def significant(entry: dict) -> bool:
     return se is None or entry["restore_gain"] > 2 * se
 
 
-def _kind_of(m: nn.Module) -> str:
-    return {QuantLayer: "layer", QuantEmbedding: "embedding"}.get(
-        type(m), "junction" if isinstance(m, QuantTensor) else "operand")
+def bits_text(bits: dict) -> str:
+    """A site's bits per part, as W8 A8 (weights, input)."""
+    return " ".join(f"{'W' if part == 'weight' else 'A'}{fmt_bits(b)}" for part, b in bits.items())
 
 
 def _fix_text(fix: dict) -> str:
@@ -526,7 +527,7 @@ def summary(record: dict, shown: int | None = None) -> list[str]:
     if not record["culprits"]:
         lines.append("  no site gains anything when restored to float")
     for c in record["culprits"][:shown]:
-        bits = " ".join(f"{'W' if p == 'weight' else 'A'}{fmt_bits(b)}" for p, b in c["bits"].items())
+        bits = bits_text(c["bits"])
         share = ", ".join(f"{p} {v:.3g}" for p, v in c["share"].items())
         sqnr = f", SQNR {c['sqnr_db']:.1f} dB" if c["sqnr_db"] is not None else ""
         f = c["fresh"]

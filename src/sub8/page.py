@@ -7,6 +7,7 @@ import collections
 from html import escape
 
 from . import plot
+from .analyzer import bits_text
 from .table import fmt_bits
 
 STYLE = """
@@ -143,7 +144,7 @@ def _inspect(report: dict) -> str:
         s = c.get("suggestion") or {}
         m = s.get("metrics") or {}
         f = c["fresh"]
-        rows.append([c["rank"], c["name"], _bits_text(c["bits"]), c["restore_gain"], f["restore_gain"],
+        rows.append([c["rank"], c["name"], bits_text(c["bits"]), c["restore_gain"], f["restore_gain"],
                      f["restore_gain_se"], "yes" if c["confirmed"] else "no: noise",
                      c["share"].get("weight"), c["share"].get("input"), c["sqnr_db"],
                      s.get("command_line", ""), s.get("loss"), s.get("recovered"), s.get("size_ratio")]
@@ -162,10 +163,6 @@ def _inspect(report: dict) -> str:
         if c.get("weight_ranges") or (c.get("input") or {}).get("histogram"):
             out.append(plot.histogram_figure(c, i))
     return "\n".join(out)
-
-
-def _bits_text(bits: dict) -> str:
-    return " ".join(f"{'W' if p == 'weight' else 'A'}{fmt_bits(b)}" for p, b in bits.items())
 
 
 def document(title: str, sections: list[str]) -> str:
