@@ -6,6 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import sub8
+from sub8.calibrate.ranges import calibrate_ranges
 from sub8.cli import main
 from sub8.config import QuantConfig
 from sub8.pipeline import pipeline_steps
@@ -28,14 +29,29 @@ def test_auto_pipeline_picks_the_recipe_by_precision(settings, steps):
     assert pipeline_steps(QuantConfig(**settings)) == steps
 
 
-def test_auto_ranges_are_the_percentile_at_8_bits_and_mse_below():
+def test_auto_ranges_are_minmax_weights_and_percentile_activations_at_8_bits_and_mse_below():
     rows = torch.randn(3, 5000)
     rows[0, 0] = 40.0  # an outlier that MSE clipping cuts at 4 bits
-    for bits, method in ((8, "percentile"), (4, "mse")):
+    for bits, weights, method in ((8, False, "percentile"), (8, True, "minmax"), (4, False, "mse"), (4, True, "mse")):
         for symmetric in (False, True):
-            auto = estimate(rows, "auto", bits, symmetric)
+            auto = estimate(rows, "auto", bits, symmetric, weights=weights)
             chosen = estimate(rows, method, bits, symmetric)
             assert all(torch.equal(a, c) for a, c in zip(auto, chosen))
+    # the outlier weight keeps its place on the 8-bit grid
+    lo, hi = estimate(rows, "auto", 8, True, weights=True)
+    assert hi[0].item() == 40.0
+
+
+def test_calibrated_8_bit_weight_grids_reach_every_channels_largest_weight():
+    model, _ = tiny()
+    example = torch.randn(4, 3, 32, 32)
+    prepared = sub8.prepare(model, example, QuantConfig(w_bits=8, a_bits=8))
+    calibrate_ranges(prepared, example)
+    for layer in quant_layers(prepared.module).values():
+        q = layer.weight_quantizer
+        rows = layer.layer.weight.detach().reshape(q.step.shape[0], -1)
+        top = rows.abs().amax(dim=1)
+        assert torch.allclose(q.step * q.qmax, top, rtol=1e-6), "a symmetric 8-bit grid ends at the largest |weight|"
 
 
 def test_weight_grids_are_symmetric_at_8_bits_and_asymmetric_below():

@@ -275,7 +275,7 @@ def _raised(q_site, f_site, raise_to: dict, config, observer) -> nn.Module:
         if q.bits is not None:
             q.symmetric = weight_symmetric(config, q.bits)
             rows = m.layer.weight.detach().reshape(q.step.shape[0], -1)
-            q.set_range(*estimate(rows, config.ranges, q.bits, q.symmetric, config.percentile))
+            q.set_range(*estimate(rows, config.ranges, q.bits, q.symmetric, config.percentile, weights=True))
     if "input" in raise_to:
         q = m.input_quantizer
         q.bits, q.bypass = raise_to["input"], False

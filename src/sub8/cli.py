@@ -215,7 +215,8 @@ def quant_options(fn):
                           "adaquant: ranges then AdaQuant; light, advanced: the paper's bit-allocation recipes"),
         click.option("--steps", default=None, help="explicit step list, e.g. ranges,bias_correction or ranges,gptq"),
         click.option("--ranges", type=click.Choice(RANGE_METHODS), default="auto", show_default=True,
-                     help="range of every grid: auto (image models: percentile at 8 bits, mse below; text "
+                     help="range of every grid: auto (image models: at 8 bits min-max weights and percentile "
+                          "activations, mse below; text "
                           "models: mse, which keeps their outlier features), minmax, percentile (--percentile), "
                           "mse (the clipping that minimizes the rounding error)"),
         click.option("--percentile", default=99.99, show_default=True, help="for --ranges percentile"),

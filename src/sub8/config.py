@@ -41,7 +41,8 @@ class QuantConfig:
     # Quantize the operands of attention's two matrix products (queries, keys, softmax
     # probabilities, values) at a_bits, in transformers models.
     quantize_attention: bool = True
-    # Range estimator of every grid; auto: percentile at 8 bits, MSE-optimal clipping below.
+    # Range estimator of every grid; auto: at 8 bits min-max weights and percentile activations,
+    # MSE-optimal clipping below.
     ranges: str = "auto"
     percentile: float = 99.99
     # Weight grids with zero point 0 (True), a zero point per channel (False), or None: symmetric

@@ -39,8 +39,8 @@ class ModelAdapter:
         return "mse" if self.output_of(model) == "embedding" else "kl"
 
     def default_ranges(self) -> str:
-        """What `--ranges auto` means for this kind of model: `auto` (percentile at 8 bits, MSE
-        below; quant/ranges.py) unless the adapter knows better."""
+        """What `--ranges auto` means for this kind of model: `auto` (at 8 bits min-max weights
+        and percentile activations, MSE below; quant/ranges.py) unless the adapter knows better."""
         return "auto"
 
     def headline_metric(self, model) -> str:

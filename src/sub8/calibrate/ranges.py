@@ -55,7 +55,7 @@ def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str =
         wq = layer.weight_quantizer
         if wq.enabled:
             rows = layer.layer.weight.detach().reshape(wq.step.shape[0], -1)
-            wq.set_range(*estimate(rows, method, wq.bits, wq.symmetric, percentile))
+            wq.set_range(*estimate(rows, method, wq.bits, wq.symmetric, percentile, weights=True))
 
     device = next(prepared.module.parameters()).device
     n_batches = -(-len(calib) // batch_size)
