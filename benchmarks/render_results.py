@@ -107,6 +107,17 @@ def peers_headline(r: dict) -> list[str]:
     return lines + [""]
 
 
+def w8a8_table(r: dict) -> list[str]:
+    lines = ["Each row changes one part of the default W8A8 run. On the photos where float is confident: the mean "
+             "change of the float top class's logit, and of its margin over the runner-up (mean ± SD).", "",
+             "| model | recipe | confident top-1 | top-1 | KL | top logit change | margin change | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        lines.append(f"| {x['model']} | {x['recipe']} | {agreement(x['metrics'])} | {x['top_logit_change']:+.3f} | "
+                     f"{x['margin_change']:+.3f} ± {x['margin_change_sd']:.3f} | {x['seconds']:.0f} |")
+    return lines + [""]
+
+
 def onnx_table(r: dict) -> list[str]:
     lines = [f"ONNX Runtime {r.get('onnxruntime', '')}, CPU provider; CPU flags {', '.join(r.get('cpu_flags', []))}:",
              "", "| model | batch | median latency ms | images/s | over float |", "|---|---|---|---|---|"]
@@ -264,6 +275,7 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table),
              "peers": ("sub8 against torchao, NNCF and Brevitas", peers_table),
              "peers_efficientnet": ("sub8 against torchao and NNCF: EfficientNet-Lite0", peers_table),
+             "w8a8": ("The W8A8 default's parts, one at a time, next to NNCF", w8a8_table),
              "onnx": ("ONNX Runtime: the exported W8A8 model against float", onnx_table),
              "reconstruct": ("Layer-wise AdaQuant against block reconstruction, learned rounding and QDrop",
                              reconstruct_table),
