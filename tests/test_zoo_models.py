@@ -61,5 +61,8 @@ def test_efficientnet_lite0_prepares_exactly_and_quantizes(demo_dirs):
         ref = loaded.module(calib[:4])
         with float_mode(q.module):
             assert ((ref - q(calib[:4])).abs().max() / ref.abs().max()) < 1e-5
-        agree = (q(calib[:8]).argmax(1) == loaded.module(calib[:8]).argmax(1)).float().mean()
-    assert agree >= 0.75
+        kl = torch.nn.functional.kl_div(q(calib).log_softmax(1), loaded.module(calib).log_softmax(1),
+                                        log_target=True, reduction="batchmean")
+    # KL, not top-1 on a handful of photos: that flips with the grid (3 or 6 of 8 agree at a KL
+    # of 0.052 or 0.057, min-max or percentile 8-bit weights)
+    assert kl < 0.1

@@ -133,8 +133,10 @@ class HessianAccumulator:
 
 @torch.no_grad()
 def gptq_layer(layer: QuantLayer, hessian: torch.Tensor, cfg: GPTQConfig) -> dict:
-    """Replace the layer's float weight by its GPTQ rounding; the record: output error proxy
-    tr((W - Q) H (W - Q)^T) / rows before (round-to-nearest) and after."""
+    """Replace the layer's float weight by its GPTQ rounding, or by round-to-nearest where that
+    is better on the same objective (GPTQ's greedy column order can end a hair worse on a fine
+    8-bit grid: 8.7065e-6 against 8.7053e-6 on a test layer); the record: the output error proxy
+    tr((W - Q) H (W - Q)^T) / rows of both, and which was kept."""
     wq = layer.weight_quantizer
     w = layer.layer.weight
     g = hessian.shape[0]
@@ -148,9 +150,11 @@ def gptq_layer(layer: QuantLayer, hessian: torch.Tensor, cfg: GPTQConfig) -> dic
     def error(e):
         return (torch.einsum("god,gde,goe->", e, hessian.cpu(), e) / w.shape[0]).item()
 
-    new = q.reshape(w.shape).to(w.dtype).to(w.device)
+    errors = {"rtn_error": error(weight - rtn), "gptq_error": error(weight - q)}
+    kept = "gptq" if errors["gptq_error"] <= errors["rtn_error"] else "rtn"
+    new = (q if kept == "gptq" else rtn).reshape(w.shape).to(w.dtype).to(w.device)
     layer.layer.weight.copy_(wq.fake_quant(new))  # exactly on the grid
-    return {"rtn_error": error(weight - rtn), "gptq_error": error(weight - q)}
+    return {**errors, "kept": kept}
 
 
 def _per_layer(config) -> None:

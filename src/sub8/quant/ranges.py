@@ -51,10 +51,10 @@ def auto_method(bits: int, weights: bool = False) -> str:
     wins, for weights and activations. At 8 bits the rounding noise is small: a layer's weights
     keep their whole range (min-max per channel, as NNCF and torchao do; every weight is real
     signal), and an activation keeps nearly all of its range (the percentile): a few rare
-    extreme values would otherwise coarsen the grid of all the others. (MobileNetV2 W8A8, ranges
-    and bias correction, 256 bench photos, KL on 769: activations percentile 0.064 vs MSE 0.073;
-    weights min-max 0.0726 vs percentile 0.0771, top-1 agreement 0.841 vs 0.806;
-    EfficientNet-Lite0 unchanged, 0.0139 vs 0.0138. benchmarks/bench_w8a8.py.)"""
+    extreme values would otherwise coarsen the grid of all the others. (MobileNetV2 W8A8 with
+    bias correction, 256 bench photos, KL on 769: this 0.0726; percentile for both 0.0771, top-1
+    agreement 0.806 against 0.841; min-max for both 0.2051; MSE for both 0.1387. EfficientNet-Lite0:
+    0.0139, 0.0138, 0.0152, 0.0189. benchmarks/results/w8a8.json.)"""
     if bits >= 8:
         return "minmax" if weights else "percentile"
     return "mse"
