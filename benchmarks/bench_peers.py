@@ -223,6 +223,16 @@ def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
 
+def same_inputs(spec: str, photos: str, samples: int, seed: int):
+    """What every tool gets: the model, the first `samples` calibration photos in sub8's order,
+    the evaluation photos, and the float model's logits on them."""
+    loaded = load_model(spec)
+    calib = load_images(os.path.join(photos, "calib"), loaded.transform, limit=samples, seed=seed,
+                        role="calibration").images
+    evals = load_images(os.path.join(photos, "eval"), loaded.transform, seed=seed, role="evaluation").images
+    return loaded, calib, evals, predict(loaded.module, evals)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="zoo:mobilenet_v2,zoo:efficientnet_lite0")
@@ -243,12 +253,7 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'model':20s} {'bits':5s} {'tool':58s} {'conf top1':>9s} {'top1':>6s} {'KL':>7s} {'seconds':>8s}")
     for spec in args.models.split(","):
-        loaded = load_model(spec)
-        calib = load_images(os.path.join(args.photos, "calib"), loaded.transform, limit=args.samples,
-                            seed=args.seed, role="calibration").images
-        evals = load_images(os.path.join(args.photos, "eval"), loaded.transform, seed=args.seed,
-                            role="evaluation").images
-        float_logits = predict(loaded.module, evals)
+        loaded, calib, evals, float_logits = same_inputs(spec, args.photos, args.samples, args.seed)
         for bits in args.bits.split(","):
             w, a = (int(v) for v in bits[1:].split("A"))
             for name, (kind, option) in tools(w, a, args).items():

@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_peers import run_nncf, same_inputs  # noqa: E402  (the peers' inputs and NNCF's settings)
 from results_io import write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
-from sub8.data import load_images  # noqa: E402
 from sub8.evaluate import CONFIDENT, compare, predict  # noqa: E402
-from sub8.zoo import load_model  # noqa: E402
 
 # (label, QuantConfig settings over the default W8A8 run)
 VARIANTS = (
@@ -58,11 +57,6 @@ def decision_shift(float_logits: torch.Tensor, quant_logits: torch.Tensor) -> di
             "margin_change": change.mean().item(), "margin_change_sd": change.std().item()}
 
 
-def run_nncf(model, calib):
-    from bench_peers import run_nncf as nncf_default  # its settings, not a copy
-    return nncf_default(model, calib, 8, 8)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="zoo:mobilenet_v2,zoo:efficientnet_lite0")
@@ -74,16 +68,11 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'model':20s} {'recipe':66s} {'conf':>6s} {'top1':>6s} {'KL':>7s} {'top':>6s} {'margin':>13s} {'s':>5s}")
     for spec in args.models.split(","):
-        loaded = load_model(spec)
-        calib = load_images(os.path.join(args.photos, "calib"), loaded.transform, limit=args.samples,
-                            seed=args.seed, role="calibration").images
-        evals = load_images(os.path.join(args.photos, "eval"), loaded.transform, seed=args.seed,
-                            role="evaluation").images
-        float_logits = predict(loaded.module, evals)
+        loaded, calib, evals, float_logits = same_inputs(spec, args.photos, args.samples, args.seed)
         runs = [(label, lambda s=settings: quantize(loaded.module, calib, QuantConfig(
             w_bits=8, a_bits=8, cache_dir=None, seed=args.seed, **s)).module) for label, settings in VARIANTS]
         if not args.no_nncf:
-            runs.append(("NNCF nncf.quantize default preset", lambda: run_nncf(loaded.module, calib)))
+            runs.append(("NNCF nncf.quantize default preset", lambda: run_nncf(loaded.module, calib, 8, 8)))
         for label, run in runs:
             start = time.perf_counter()
             qmodel = run()
