@@ -4,7 +4,7 @@ process's peak RSS of each on torchvision ResNet-50 with random weights.
 
     python benchmarks/bench_reconstruct.py [--bits W4A4,W2A4,W4A8] [--seeds 0,1,2] \
         [--configs layer,block,block+learned,block+qdrop,block+learned+qdrop] [--iters 100]
-    python benchmarks/bench_reconstruct.py --memory [--samples 512] [--max-memory 4]
+    python benchmarks/bench_reconstruct.py --memory [--samples 512] [--max-memory 4] [--update]
 
 A config is `layer` or `block`, with `+learned` (AdaRound's rounding) and `+qdrop` (p = 0.5);
 `mixed+CONFIG` allocates W8A8/W4A8/W4A4/W2A4 per layer by integer programming at the BOPs of the
@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results_io import write_result  # noqa: E402
+from results_io import RESULTS, commit, write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.demo import CPU_ADAQUANT  # noqa: E402
 
@@ -140,12 +140,19 @@ def memory(args) -> int:
         if out.returncode != 0:
             print(out.stderr[-2000:])
             return out.returncode
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = {**json.loads(out.stdout.strip().splitlines()[-1]), "commit": commit()}
         rows.append(row)
         print(f"{config:<22} {row['peak_rss_mb']:11.0f} {row['peak_cache_mb']:13.0f} {row['seconds'] / 60:7.1f}",
               flush=True)
+        kept = []
+        if args.update and os.path.exists(os.path.join(RESULTS, "reconstruct_memory.json")):
+            with open(os.path.join(RESULTS, "reconstruct_memory.json")) as fh:
+                old = json.load(fh)
+            measured = {r["config"] for r in rows}
+            kept = [{"commit": old.get("commit"), **r} for r in old["rows"] if r["config"] not in measured]
         write_result("reconstruct_memory", {"model": "torchvision resnet50 (random weights)", "n_calib": args.samples,
-                                            "max_memory_gb": args.max_memory, "iters": args.iters, "rows": rows})
+                                            "max_memory_gb": args.max_memory, "iters": args.iters,
+                                            "rows": kept + rows})
     return 0
 
 
@@ -161,6 +168,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sensitivity-samples", type=int, default=64, help="mixed+: photos for the sensitivities")
     ap.add_argument("--memory", action="store_true", help="peak RSS on ResNet-50 instead of quality")
     ap.add_argument("--max-memory", type=float, default=4.0)
+    ap.add_argument("--update", action="store_true", help="--memory: keep the result file's rows of the configs "
+                    "this run does not measure (each row names the commit that measured it)")
     ap.add_argument("--name", default="reconstruct", help="benchmarks/results/NAME.json")
     ap.add_argument("--json", help="write here instead")
     ap.add_argument("--device", default="cpu")

@@ -163,10 +163,11 @@ def reconstruct_table(r: dict, mixed: bool = False) -> list[str]:
 def reconstruct_memory_table(r: dict) -> list[str]:
     lines = [f"{r['model']}, {r['n_calib']} calibration images 224x224, --max-memory {r['max_memory_gb']:g} GB, "
              f"{r['iters']} iterations per unit (memory does not depend on them), W4A4; the whole process's peak RSS:",
-             "", "| config | peak RSS GB | peak cache GB | calibration tensor GB | minutes |", "|---|---|---|---|---|"]
+             "", "| config | peak RSS GB | peak cache GB | calibration tensor GB | minutes | commit |",
+             "|---|---|---|---|---|---|"]
     for x in r["rows"]:
         lines.append(f"| {x['config']} | {fmt(x['peak_rss_mb'] / 1024, 2)} | {fmt(x['peak_cache_mb'] / 1024, 2)} "
-                     f"| {fmt(x['calib_mb'] / 1024, 2)} | {fmt(x['seconds'] / 60, 1)} |")
+                     f"| {fmt(x['calib_mb'] / 1024, 2)} | {fmt(x['seconds'] / 60, 1)} | {x.get('commit') or r['commit']} |")
     return lines + [""]
 
 
@@ -179,6 +180,9 @@ def text_table(r: dict) -> list[str]:
              "| precision | pipeline | accuracy | vs float (points) | cosine to float | seconds |", "|---|---|---|---|---|---|"]
     base = next(x["accuracy"] for x in r["rows"] if x["precision"] == "float")
     for x in r["rows"]:
+        if "accuracy" not in x:  # a peer without that width, or one that failed: its words
+            lines.append(f"| {x['precision']} | {x['pipeline']} | {x.get('not_offered') or x['error'][:160]} | | | |")
+            continue
         lines.append(f"| {x['precision']} | {x['pipeline']} | {100 * x['accuracy']:.2f}% "
                      f"| {100 * (x['accuracy'] - base):+.2f} | {fmt(x['cosine_similarity'], 4)} "
                      f"| {fmt(x.get('seconds'), 0) if x.get('seconds') else ''} |")
@@ -290,6 +294,7 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "reconstruct_memory": ("Peak memory of block reconstruction: ResNet-50", reconstruct_memory_table),
              "reconstruct_text": ("MiniLM on tweets: layer-wise AdaQuant against transformer-layer reconstruction",
                                   text_table),
+             "peers_text": ("sub8 against torchao and NNCF: MiniLM on tweets", text_table),
              "zoo": ("Any model: 24 torchvision and 13 timm architectures", zoo_table),
              "inspect": ("sub8 inspect: the culprits, and what their lines do when a run is redone", inspect_table),
              "ray": ("The light pipeline on a two-node Ray cluster against this process", ray_table)}

@@ -221,3 +221,27 @@ def test_multi_tensor_adam_is_torch_adam_with_one_rate_per_tensor():
             opt.step()
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_cat_freeing_is_torch_cat_and_releases_each_part():
+    from sub8.heap import cat_freeing
+    images = [torch.randn(n, 3, 4, 5).contiguous(memory_format=torch.channels_last) for n in (4, 1, 3)]
+    expected = torch.cat(images)
+    parts = list(images)
+    full = cat_freeing(parts)
+    assert parts == [] and torch.equal(full, expected) and full.is_contiguous(memory_format=torch.channels_last)
+    tokens = [torch.randn(n, 7).half() for n in (5, 2)]  # text: rows of real tokens, a varying count per batch
+    full = cat_freeing(list(tokens))
+    assert full.dtype == torch.float16 and torch.equal(full, torch.cat(tokens))
+
+
+def test_float_target_is_the_activated_layer_output_for_every_row():
+    torch.manual_seed(0)
+    p = rtn(TinyNet().eval(), torch.randn(10, 3, 16, 16))
+    name, layer = next(iter(p.quant_layers().items()))
+    x = torch.randn(10, layer.layer.in_channels, 16, 16).contiguous(memory_format=torch.channels_last)
+    y = adaquant_module.float_target(layer, x, torch.relu, batch=4)
+    expected = torch.relu(torch.nn.functional.conv2d(x, layer.layer.weight, layer.layer.bias, layer.layer.stride,
+                                                     layer.layer.padding, layer.layer.dilation, layer.layer.groups))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ from .. import progress
 from ..errors import Sub8Error
 from ..executor import InProcessExecutor
 from ..prepare import PreparedModel
-from ..heap import reuse_freed_memory
+from ..heap import cat_freeing, reuse_freed_memory
 from ..quant.layers import QuantLayer, StopForward, module_state, quant_layers, run_observed
 from ..registry import setting
 from .adam import MultiTensorAdam
@@ -213,7 +213,7 @@ class InputCache:
             raise StopForward
 
     def tensor(self) -> torch.Tensor:
-        return torch.cat(self.parts)
+        return cat_freeing(self.parts)
 
 
 def capture_inputs(module: torch.nn.Module, names: list[str], calib: torch.Tensor, batch: int,
@@ -226,9 +226,16 @@ def capture_inputs(module: torch.nn.Module, names: list[str], calib: torch.Tenso
 
 @torch.no_grad()
 def float_target(layer: QuantLayer, x: torch.Tensor, act, batch: int) -> torch.Tensor:
+    """The layer's activated float output for every row of x, written into place batch by batch."""
     w, b = layer.layer.weight, layer.layer.bias
-    return torch.cat([act(layer.apply(x[i:i + batch].float(), w, b)).to(x.dtype)
-                      for i in range(0, len(x), batch)])
+    full = None
+    for i in range(0, len(x), batch):
+        y = act(layer.apply(x[i:i + batch].float(), w, b)).to(x.dtype)
+        if full is None:
+            full = torch.empty((len(x), *y.shape[1:]), dtype=y.dtype, device=y.device,
+                               memory_format=torch.channels_last if y.dim() == 4 else torch.contiguous_format)
+        full[i:i + len(y)] = y
+    return full
 
 
 def per_sample_bytes(prepared: PreparedModel, example: torch.Tensor, elem: int,

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import Sub8Error
+from ..heap import cat_freeing
 from ..quant.layers import float_mode
 from ..quant.token_mask import current_mask, real_tokens
 
@@ -140,7 +141,7 @@ def fisher_weights(reference: nn.Module, names: list[str], followed: dict, calib
                     parts[name].append(w.to(dtype, memory_format=_layout(w)))
     weights = {}
     for n in names:
-        w = full.pop(n) if n in full else torch.cat(parts.pop(n))
+        w = full.pop(n) if n in full else cat_freeing(parts.pop(n))
         mean = w.float().mean()
         weights[n] = w.div_(mean) if mean > 0 else w.fill_(1.0)  # in place: these are cache-sized
     return weights
