@@ -72,7 +72,7 @@ def run_sub8(model, calib, w, a, settings, seed):
 
 
 # -- torchao PT2E ---------------------------------------------------------------------------
-def run_torchao(model, calib, w, a, quantizer_name, batch=32):
+def run_torchao(model, calib, w, a, quantizer_name, batch=32, dims=None):
     from torch.export import export
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -88,7 +88,8 @@ def run_torchao(model, calib, w, a, quantizer_name, batch=32):
         quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
             is_per_channel=True, weight_qmin=-qw, weight_qmax=qw, act_qmin=-qa, act_qmax=qa - 1))
     # The batch dimension stays dynamic: calibration and evaluation batches differ in size.
-    exported = export(model.eval(), (calib[:batch],), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    dims = dims or ({0: torch.export.Dim.AUTO},)
+    exported = export(model.eval(), (calib[:batch],), dynamic_shapes=dims).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for i in range(0, len(calib), batch):

