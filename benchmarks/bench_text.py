@@ -107,15 +107,22 @@ def run_nncf_transformer(module, calib, w, a, batch=32):
                          subset_size=len(loader), model_type=nncf.ModelType.TRANSFORMER)
 
 
+def run_torchao_full_length(module, calib, w, a, quantizer):
+    """torchao's PT2E flow on the encoder as it runs at full padded length: the forward's trim
+    of all-padding columns reads the mask's values, which torch.export cannot trace (its
+    GuardOnDataDependentSymNode). The padding is masked either way, so the float outputs agree;
+    the token length stays a dynamic dimension, as the batch does."""
+    from sub8.quant.token_mask import full_length
+    with full_length():
+        return run_torchao(module, calib, w, a, quantizer, dims=({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO},))
+
+
 def peers(module, calib, w, a) -> dict:
-    """The peers' defaults, as (quantized module, steps) thunks. Token tensors differ in length
-    from set to set (each is padded to its longest tweet): the exported graph keeps the length
-    dynamic as well as the batch."""
-    dims = ({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO},)
-    return {"torchao PT2E X86InductorQuantizer default": lambda: (run_torchao(module, calib, w, a, "x86", dims=dims),
+    """The peers' defaults, as (quantized module, steps) thunks."""
+    return {"torchao PT2E X86InductorQuantizer default": lambda: (run_torchao_full_length(module, calib, w, a, "x86"),
                                                                   None),
-            "torchao PT2E XNNPACKQuantizer per-channel": lambda: (run_torchao(module, calib, w, a, "xnnpack",
-                                                                              dims=dims), None),
+            "torchao PT2E XNNPACKQuantizer per-channel": lambda: (run_torchao_full_length(module, calib, w, a,
+                                                                                          "xnnpack"), None),
             "NNCF nncf.quantize default preset": lambda: (run_nncf(module, calib, w, a), None),
             "NNCF nncf.quantize model_type=TRANSFORMER": lambda: (run_nncf_transformer(module, calib, w, a), None)}
 
