@@ -291,7 +291,7 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
                                    lambda r: reconstruct_table(r, mixed=True)),
              "reconstruct_mixed_alone": ("Mixed precision with block reconstruction, timed alone",
                                          lambda r: reconstruct_table(r, mixed=True)),
-             "reconstruct_memory": ("Peak memory of block reconstruction: ResNet-50", reconstruct_memory_table),
+             "reconstruct_memory": ("Peak memory of AdaQuant and block reconstruction: ResNet-50", reconstruct_memory_table),
              "reconstruct_text": ("MiniLM on tweets: layer-wise AdaQuant against transformer-layer reconstruction",
                                   text_table),
              "peers_text": ("sub8 against torchao and NNCF: MiniLM on tweets", text_table),
