@@ -163,7 +163,7 @@ def reconstruct_table(r: dict, mixed: bool = False) -> list[str]:
 def reconstruct_memory_table(r: dict) -> list[str]:
     lines = [f"{r['model']}, {r['n_calib']} calibration images 224x224, --max-memory {r['max_memory_gb']:g} GB, "
              f"{r['iters']} iterations per unit (memory does not depend on them), W4A4; the whole process's peak RSS:",
-             "", "| config | peak RSS GB | peak cache GB | calibration tensor GB | minutes | commit |",
+             "", "| config | peak RSS GiB | peak cache GiB | calibration tensor GiB | minutes | commit |",
              "|---|---|---|---|---|---|"]
     for x in r["rows"]:
         lines.append(f"| {x['config']} | {fmt(x['peak_rss_mb'] / 1024, 2)} | {fmt(x['peak_cache_mb'] / 1024, 2)} "
