@@ -12,7 +12,8 @@ precision is uniform, so the pipelines run without their bit-allocation step: rt
 light = ranges, bn_tuning (a no-op here: no BatchNorm), bias_tuning; advanced = ranges,
 parallel AdaQuant, sequential AdaQuant, bn_tuning, bias_tuning; layer = ranges, sequential
 layer-wise AdaQuant; block = ranges, sequential block reconstruction with QDrop; default = the
-default pipeline at that width (W8A8: ranges and bias correction). Writes the rows as JSON
+default pipeline at that width (W8A8: ranges and bias correction); default-linear-only = the
+same with attention's matrix products in float. Writes the rows as JSON
 (default benchmarks/results/text.json).
 
 --peers adds, at each precision a peer offers, the peer toolkits' defaults on the same encoder,
@@ -51,7 +52,11 @@ from sub8.zoo import load_model  # noqa: E402
 CLASSES = ("negative", "neutral", "positive")
 PIPELINES = {"rtn": ("ranges",), "light": ("ranges", "bn_tuning", "bias_tuning"),
              "advanced": ("ranges", "adaquant", "adaquant_sequential", "bn_tuning", "bias_tuning"),
-             "layer": ("ranges", "adaquant"), "block": ("ranges", "adaquant"), "default": None}
+             "layer": ("ranges", "adaquant"), "block": ("ranges", "adaquant"), "default": None,
+             "default-linear-only": None}
+# default-linear-only: the default with attention's two matrix products left in float, as NNCF's
+# model_type=TRANSFORMER leaves them (it quantizes the Linear layers' inputs only).
+SETTINGS = {"default-linear-only": {"quantize_attention": False}}
 # The AdaQuant settings of the two sequential pipelines: the paper's layer-wise fit, and
 # transformer layers fitted whole with QDrop (calibrate/calls.py).
 UNITS = {"layer": {"mode": "sequential", "reconstruct": "layer", "qdrop": 0.0},
@@ -90,7 +95,7 @@ def balanced_split(sizes: tuple[int, ...], seed: int) -> list[list[tuple[str, in
 def run_sub8(module, calib, w, a, pipeline, args):
     config = QuantConfig(w_bits=w, a_bits=a, steps=PIPELINES[pipeline], seed=args.seed,
                          adaquant={"iters": args.iters, "budget": args.budget, **UNITS.get(pipeline, {})},
-                         bias_tuning={"iters": args.bias_iters})
+                         bias_tuning={"iters": args.bias_iters}, **SETTINGS.get(pipeline, {}))
     qm = quantize(module, calib, config)
     return qm.module, [s["name"] for s in qm.report["steps"]]
 
