@@ -226,16 +226,9 @@ def capture_inputs(module: torch.nn.Module, names: list[str], calib: torch.Tenso
 
 @torch.no_grad()
 def float_target(layer: QuantLayer, x: torch.Tensor, act, batch: int) -> torch.Tensor:
-    """The layer's activated float output for every row of x, written into place batch by batch."""
+    """The layer's activated float output for every row of x (joined by cat_freeing: held once)."""
     w, b = layer.layer.weight, layer.layer.bias
-    full = None
-    for i in range(0, len(x), batch):
-        y = act(layer.apply(x[i:i + batch].float(), w, b)).to(x.dtype)
-        if full is None:
-            full = torch.empty((len(x), *y.shape[1:]), dtype=y.dtype, device=y.device,
-                               memory_format=torch.channels_last if y.dim() == 4 else torch.contiguous_format)
-        full[i:i + len(y)] = y
-    return full
+    return cat_freeing([act(layer.apply(x[i:i + batch].float(), w, b)).to(x.dtype) for i in range(0, len(x), batch)])
 
 
 def per_sample_bytes(prepared: PreparedModel, example: torch.Tensor, elem: int,
