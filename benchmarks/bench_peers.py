@@ -98,7 +98,9 @@ def run_torchao(model, calib, w, a, quantizer_name, batch=32, dims=None):
 
 
 # -- NNCF -----------------------------------------------------------------------------------
-def run_nncf(model, calib, w, a, batch=32):
+def run_nncf(model, calib, w, a, batch=32, model_type=None):
+    """nncf.quantize at its default preset; `model_type` (e.g. "TRANSFORMER") as NNCF's own
+    option, for the models NNCF documents it for."""
     if (w, a) != (8, 8):
         raise NotOffered("nncf.quantize quantizes to 8 bits; nncf.compress_weights (4-bit) takes "
                          "Linear/MatMul weights only, not convolutions")
@@ -109,7 +111,8 @@ def run_nncf(model, calib, w, a, batch=32):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib), batch_size=batch)
     dataset = nncf.Dataset(loader, lambda item: item[0])
     # subset_size counts the dataset's items, here batches: all of them
-    return nncf.quantize(copy.deepcopy(model).eval(), dataset, subset_size=len(loader))
+    typed = {} if model_type is None else {"model_type": getattr(nncf.ModelType, model_type)}
+    return nncf.quantize(copy.deepcopy(model).eval(), dataset, subset_size=len(loader), **typed)
 
 
 # -- Brevitas -------------------------------------------------------------------------------

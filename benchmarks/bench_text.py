@@ -100,18 +100,6 @@ def run_sub8(module, calib, w, a, pipeline, args):
     return qm.module, [s["name"] for s in qm.report["steps"]]
 
 
-def run_nncf_transformer(module, calib, w, a, batch=32):
-    if (w, a) != (8, 8):
-        raise NotOffered("nncf.quantize quantizes to 8 bits")
-    import copy
-
-    import nncf
-
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib), batch_size=batch)
-    return nncf.quantize(copy.deepcopy(module).eval(), nncf.Dataset(loader, lambda item: item[0]),
-                         subset_size=len(loader), model_type=nncf.ModelType.TRANSFORMER)
-
-
 def run_torchao_full_length(module, calib, w, a, quantizer):
     """torchao's PT2E flow on the encoder as it runs at full padded length: the forward's trim
     of all-padding columns reads the mask's values, which torch.export cannot trace (its
@@ -129,7 +117,8 @@ def peers(module, calib, w, a) -> dict:
             "torchao PT2E XNNPACKQuantizer per-channel": lambda: (run_torchao_full_length(module, calib, w, a,
                                                                                           "xnnpack"), None),
             "NNCF nncf.quantize default preset": lambda: (run_nncf(module, calib, w, a), None),
-            "NNCF nncf.quantize model_type=TRANSFORMER": lambda: (run_nncf_transformer(module, calib, w, a), None)}
+            "NNCF nncf.quantize model_type=TRANSFORMER": lambda: (run_nncf(module, calib, w, a,
+                                                                           model_type="TRANSFORMER"), None)}
 
 
 def main(argv=None) -> int:
