@@ -30,7 +30,6 @@ blocks leaves them float and looks nearly lossless. Writes benchmarks/results/--
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results_io import RESULTS, commit, write_result  # noqa: E402
+from results_io import commit, kept_rows, write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.data import load_images  # noqa: E402
 from sub8.demo import CPU_ADAQUANT  # noqa: E402
@@ -211,18 +210,6 @@ def tool_order(tool: str) -> int:
     return next((i for i, p in enumerate(("sub8", "torchao", "NNCF", "Brevitas")) if tool.startswith(p)), 4)
 
 
-def kept_rows(name: str, measured: set) -> list[dict]:
-    """The earlier result file's rows whose (model, bits, tool) is not in `measured`, each with
-    the commit that measured it."""
-    path = os.path.join(RESULTS, f"{name}.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        old = json.load(fh)
-    return [{"commit": old.get("commit"), **r} for r in old["rows"]
-            if (r["model"], r["bits"], r["tool"]) not in measured]
-
-
 def fmt(v, spec=".3f"):
     return "-" if v is None else format(v, spec)
 
@@ -284,7 +271,8 @@ def main(argv=None) -> int:
                     print(f"{spec:20s} {bits:5s} {name:58s} {row.get('not_offered') or row['error'][:200]}",
                           flush=True)
     if args.update:
-        rows = kept_rows(args.name, {(r["model"], r["bits"], r["tool"]) for r in rows}) + rows
+        key = lambda r: (r["model"], r["bits"], r["tool"])  # noqa: E731
+        rows = kept_rows(args.name, {key(r) for r in rows}, key) + rows
         models = list(dict.fromkeys(r["model"] for r in rows))
         rows.sort(key=lambda r: (models.index(r["model"]), bits_order(r["bits"]), tool_order(r["tool"])))
     path = write_result(args.name, {"args": vars(args), "rows": rows})

@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from results_io import RESULTS, commit, write_result  # noqa: E402
+from results_io import commit, kept_rows, write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.demo import CPU_ADAQUANT  # noqa: E402
 
@@ -133,7 +133,10 @@ def memory(args) -> int:
     print(f"ResNet-50, random weights, W4A4, {args.samples} images 224x224, --max-memory {args.max_memory}, "
           f"{args.iters} iterations per unit")
     print(f"{'config':<22} {'peak RSS MB':>11} {'peak cache MB':>13} {'minutes':>7}", flush=True)
-    for config in args.configs.split(","):
+    configs = args.configs.split(",")
+    # (read once; a config's earlier row gives way only once this run has measured it)
+    earlier = kept_rows("reconstruct_memory", set(), lambda r: r["config"]) if args.update else []
+    for config in configs:
         out = subprocess.run([sys.executable, __file__, "--memory-child", config, "--samples", str(args.samples),
                               "--max-memory", str(args.max_memory), "--iters", str(args.iters)],
                              capture_output=True, text=True)
@@ -144,15 +147,10 @@ def memory(args) -> int:
         rows.append(row)
         print(f"{config:<22} {row['peak_rss_mb']:11.0f} {row['peak_cache_mb']:13.0f} {row['seconds'] / 60:7.1f}",
               flush=True)
-        kept = []
-        if args.update and os.path.exists(os.path.join(RESULTS, "reconstruct_memory.json")):
-            with open(os.path.join(RESULTS, "reconstruct_memory.json")) as fh:
-                old = json.load(fh)
-            measured = {r["config"] for r in rows}
-            kept = [{"commit": old.get("commit"), **r} for r in old["rows"] if r["config"] not in measured]
         write_result("reconstruct_memory", {"model": "torchvision resnet50 (random weights)", "n_calib": args.samples,
                                             "max_memory_gb": args.max_memory, "iters": args.iters,
-                                            "rows": kept + rows})
+                                            "rows": [r for r in earlier if r["config"] not in
+                                                     {x["config"] for x in rows}] + rows})
     return 0
 
 

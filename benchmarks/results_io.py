@@ -3,6 +3,7 @@ commit, the versions and the machine, so that every number on docs/benchmarks.md
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -44,3 +45,14 @@ def write_result(name: str, data: dict, path: str | None = None) -> str:
 def write_json_result(path: str, data: dict) -> str:
     """write_result named after the file (benchmarks' --json PATH)."""
     return write_result(os.path.splitext(os.path.basename(path))[0], data, path)
+
+
+def kept_rows(name: str, measured: set, key) -> list[dict]:
+    """The earlier benchmarks/results/NAME.json's rows whose key(row) is not in `measured`, each
+    with the commit that measured it (a run that redoes some rows keeps the others)."""
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        old = json.load(fh)
+    return [{"commit": old.get("commit"), **r} for r in old["rows"] if key(r) not in measured]
