@@ -217,3 +217,30 @@ def tiny_with_outlier():
         model.dw.bias[3] *= 1000.0
         model.grouped.weight[:, 3] /= 1000.0
     return model, transform
+
+
+# -- a transformer-like MLP whose Linear inputs have outlier features (tests/test_smooth_quant.py) ---
+class OutlierTokens(nn.Module):
+    """Tokens (N x T x 8) through a Linear whose output features 3 and 11 are about 100 times the
+    others (as a transformer's are: the same features for every token), an MLP with a residual,
+    and a head on every token (N x T x 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.up = nn.Linear(16, 32)
+        self.act = nn.ReLU()
+        self.down = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.embed.weight[[3, 11]] *= 100.0
+            self.embed.bias[[3, 11]] *= 100.0
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.head(h + self.down(self.act(self.up(h))))
+
+
+def outlier_tokens():
+    torch.manual_seed(0)
+    return OutlierTokens().eval()

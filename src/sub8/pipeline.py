@@ -43,19 +43,32 @@ assert tuple(PIPELINES) == PIPELINE_NAMES  # (the CLI checks names before import
 
 # What `--pipeline auto` runs (benchmarks/bench_peers.py compares it): at 8 bits, rounding each
 # layer's weights shifts its output channels' means and the shifts add up through the network;
-# bias correction removes them for about twice RTN's time. Below 8 bits rounding itself must be
-# learned: sequential AdaQuant.
+# bias correction removes them for about twice RTN's time. A model with attention first moves its
+# Linear inputs' outlier features into the weights (SmoothQuant); on a CNN, whose one Linear is
+# the classifier, that did not help (benchmarks/results/peers*.json). Below 8 bits rounding
+# itself must be learned: sequential AdaQuant.
 AUTO_8_BITS = ("ranges", "bias_correction")
+AUTO_8_BITS_ATTENTION = ("ranges", "smooth_quant", "bias_correction")
 AUTO_UNDER_8_BITS = ("ranges", "adaquant")
 
 
-def auto_steps(config: QuantConfig) -> tuple[str, ...]:
-    """--pipeline auto: ranges and bias correction when every layer keeps 8 bits, ranges and
-    AdaQuant (sequential at a uniform precision) when any has fewer."""
+def has_attention(model: nn.Module | None) -> bool:
+    """Whether a model has attention: a torch nn.MultiheadAttention, or a module whose class is
+    named *Attention (transformers', timm's and torchvision's own attention modules)."""
+    return model is not None and any(isinstance(m, nn.MultiheadAttention) or type(m).__name__.endswith("Attention")
+                                     for m in model.modules())
+
+
+def auto_steps(config: QuantConfig, model: nn.Module | None = None) -> tuple[str, ...]:
+    """--pipeline auto: ranges and bias correction when every layer keeps 8 bits (with SmoothQuant
+    before bias correction when `model` has attention), ranges and AdaQuant (sequential at a
+    uniform precision) when any has fewer."""
     low = lowest_bits(config)
     if low is None:
         return ("ranges",)
-    return AUTO_8_BITS if low >= 8 else AUTO_UNDER_8_BITS
+    if low < 8:
+        return AUTO_UNDER_8_BITS
+    return AUTO_8_BITS_ATTENTION if has_attention(model) else AUTO_8_BITS
 
 
 def auto_requantize(config: QuantConfig, steps: tuple[str, ...]) -> bool:
@@ -66,8 +79,8 @@ def auto_requantize(config: QuantConfig, steps: tuple[str, ...]) -> bool:
     return lowest_bits(config) == 8 and "allocate" not in steps
 
 
-def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
-    """The steps a config asks for: its explicit `steps`, else its pipeline's."""
+def pipeline_steps(config: QuantConfig, model: nn.Module | None = None) -> tuple[str, ...]:
+    """The steps a config asks for on `model`: its explicit `steps`, else its pipeline's."""
     if config.steps:
         unknown = [s for s in config.steps if s not in METHODS]
         if unknown:
@@ -77,7 +90,7 @@ def pipeline_steps(config: QuantConfig) -> tuple[str, ...]:
         return tuple(config.steps)
     if config.pipeline not in PIPELINES:
         raise Sub8Error(f"unknown pipeline {config.pipeline!r}; choose one of {', '.join(PIPELINES)}")
-    return auto_steps(config) if config.pipeline == "auto" else PIPELINES[config.pipeline]
+    return auto_steps(config, model) if config.pipeline == "auto" else PIPELINES[config.pipeline]
 
 
 def split_recipe(config: QuantConfig, steps: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -141,8 +154,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
     if config.ranges == "auto":
         config = replace(config, ranges=adapter.default_ranges())
     if config.requantize is None:
-        config = replace(config, requantize=auto_requantize(config, pipeline_steps(config)))
-    recipe, steps = split_recipe(config, pipeline_steps(config))
+        config = replace(config, requantize=auto_requantize(config, pipeline_steps(config, model)))
+    recipe, steps = split_recipe(config, pipeline_steps(config, model))
     calib = as_tensor(calib)
     torch.manual_seed(config.seed)
     log = StepLog()

@@ -21,13 +21,16 @@ def quantizer_bits(q: Quantizer) -> int:
 
 def layer_weight_bits(layer: QuantLayer | QuantEmbedding | QuantInput) -> int:
     """One quantized module's stored size: its weight at its bit-width (float32 when not
-    quantized), its bias in float32, and every enabled quantizer's steps and zero points."""
+    quantized), its bias and its input smoothing in float32, and every enabled quantizer's steps
+    and zero points."""
     total = sum(quantizer_bits(q) for q in layer.children() if isinstance(q, Quantizer))
     if isinstance(layer, QuantInput):
         return total
     total += layer.layer.weight.numel() * (layer.w_bits or FLOAT_BITS)
     if getattr(layer.layer, "bias", None) is not None:
         total += layer.layer.bias.numel() * FLOAT_BITS
+    if getattr(layer, "smooth", None) is not None:
+        total += layer.smooth.numel() * FLOAT_BITS
     return total
 
 

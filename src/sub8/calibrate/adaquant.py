@@ -328,7 +328,7 @@ def reconstruction_mse(layer: QuantLayer, x: torch.Tensor, y: torch.Tensor, act,
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            err = (act(layer(x[i:i + batch].float())) - y[i:i + batch].float()).square_()
+            err = (act(layer.compute(x[i:i + batch].float())) - y[i:i + batch].float()).square_()
             total += (err if weight is None else err.mul_(weight[i:i + batch].float())).sum()
     return (total / y.numel()).item()
 

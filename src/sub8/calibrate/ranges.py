@@ -46,11 +46,13 @@ class ActivationObserver:
 @torch.no_grad()
 def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str = "auto",
                      percentile: float = 99.99, batch_size: int = 32, seed: int = 0,
-                     layers: bool = True) -> dict:
+                     layers: bool = True, only: set[str] | None = None) -> dict:
     """Set every quantizer's step and zero point (`layers=False`: only those outside the
     QuantLayers, i.e. embedding tables and attention operands, which bit allocation leaves
-    alone). Returns the activation ranges seen."""
+    alone; `only`: those of the named layers and sites). Returns the activation ranges seen."""
     weighted = {**(prepared.quant_layers() if layers else {}), **quant_embeddings(prepared.module)}
+    if only is not None:
+        weighted = {n: m for n, m in weighted.items() if n in only}
     for layer in weighted.values():
         wq = layer.weight_quantizer
         if wq.enabled:
@@ -62,6 +64,8 @@ def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str =
     generator = torch.Generator().manual_seed(seed)
     # layer inputs and attention operands, or the operands alone
     sites = quant_inputs(prepared.module) if layers else quant_operands(prepared.module)
+    if only is not None:
+        sites = {n: m for n, m in sites.items() if n in only}
     observers = {name: ActivationObserver(name, max(1, SAMPLE_CAP // n_batches), generator)
                  for name, site in sites.items() if site.input_quantizer.enabled}
     if observers:

@@ -128,6 +128,7 @@ class VariableLayer(nn.Module):
         self.__dict__.update(wrapped=layer, weights=weights, steps=steps)  # not submodules
 
     def forward(self, x):
+        x = self.wrapped.smoothed(x)
         if self.steps is not None:
             x = self.steps(x, overwrite_grad=True)
         w = self.weights() if self.weights is not None else self.wrapped.quantized_weight()

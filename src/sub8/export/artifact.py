@@ -31,10 +31,11 @@ from ..zoo import load_model
 from .pack import pack, packed_bytes, unpack
 
 FORMAT = "sub8.artifact"
-# 2: the header's config is QuantConfig.to_dict() with its own version (method settings under
-# "methods"); 1: the config's method settings were top-level. Both are read.
-VERSION = 2
-READS = (1, 2)
+# 3: a layer may have its input smoothing (`smooth`: SmoothQuant); 2: the header's config is
+# QuantConfig.to_dict() with its own version (method settings under "methods"); 1: the config's
+# method settings were top-level. All are read.
+VERSION = 3
+READS = (1, 2, 3)
 FILENAME = "model.safetensors"
 METADATA_KEY = "sub8"
 
@@ -87,6 +88,9 @@ def _module_tensors(section: str, name: str, m) -> tuple[dict, dict]:
         header["input"] = _grid_header(m.input_quantizer, None)
         tensors.update({f"{name}.bias": m.layer.bias.detach().cpu().float(),
                         **_input_tensors(name, m.input_quantizer)})
+        if m.smooth is not None:  # the input's factor per feature, before its quantizer
+            header["smooth"] = True
+            tensors[f"{name}.input.smooth"] = m.smooth.detach().cpu().float()
     return header, tensors
 
 
@@ -229,6 +233,9 @@ def _module_state(section: str, name: str, header, template: dict, reader: _Read
     if section == "layers":
         state.update(_input_state(name, header["input"], template, reader))
         state[f"{name}.layer.bias"] = reader.take(f"{name}.bias", template[f"{name}.layer.bias"].shape,
+                                                  torch.float32)
+        if header.get("smooth"):
+            state[f"{name}.smooth"] = reader.take(f"{name}.input.smooth", (header["weight_shape"][1],),
                                                   torch.float32)
     return state
 

@@ -165,6 +165,9 @@ class _Builder:
         hint = name
         self.storage[name] = {"weight": self.describe(layer.weight_quantizer, self.weight_types),
                               "input": self.describe(layer.input_quantizer, INPUT_TYPES)}
+        if layer.smooth is not None:  # SmoothQuant's per-feature factor, before the quantizer
+            smooth = layer.smooth.detach().cpu().float().numpy()
+            x = self.op("Mul", [x, self.const(f"{hint}_smooth", smooth)], f"{hint}_smoothed")
         if layer.input_quantizer.enabled:
             x = self.quantize_input(x, layer.input_quantizer, f"{hint}_in")
         inner = layer.layer

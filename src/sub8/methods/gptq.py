@@ -191,7 +191,7 @@ class _SequentialGPTQ(fx.Interpreter):
             return super().call_module(target, args, kwargs)
         acc = HessianAccumulator(layer)
         for i in range(0, len(x), self.batch):
-            acc(layer, x[i:i + self.batch])
+            acc(layer, layer.smoothed(x[i:i + self.batch]))
         self.records[target] = {"name": target, **gptq_layer(layer, acc.hessian(), self.cfg)}
         return torch.cat([layer(x[i:i + self.batch]) for i in range(0, len(x), self.batch)])
 

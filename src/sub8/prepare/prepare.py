@@ -58,10 +58,18 @@ class PreparedModel:
                               "bits": junction[0].input_quantizer.bits if junction else None}}
 
     def sync_bits(self) -> None:
-        """Copy each layer's bits from its quantizers (after a state was loaded) to the table."""
+        """After a state was loaded: copy each layer's bits from its quantizers to the table, and
+        its input smoothing (which leaves the float model as it was) to the float reference."""
         layers = self.quant_layers()
         for info in self.layers:
             info.w_bits, info.a_bits = layers[info.name].w_bits, layers[info.name].a_bits
+        reference = quant_layers(self.reference)
+        for name, layer in layers.items():
+            ref = reference.get(name)
+            if ref is None or (layer.smooth is None and ref.smooth is None):
+                continue
+            if ref.smooth is None or layer.smooth is None or not torch.equal(ref.smooth, layer.smooth):
+                ref.set_smooth(layer.smooth)
 
 
 def assign_bits(layers: list[LayerInfo], config) -> None:

@@ -20,6 +20,11 @@ class QuantLayer(nn.Module):
     The float weight and bias stay in `layer`; `weight_quantizer` is per output channel,
     `input_quantizer` per tensor. An optional `observer(layer, x)` sees each input before it is
     quantized (range calibration, bias correction); in a text model, only its real tokens.
+
+    A Linear may carry `smooth` (SmoothQuant, methods/smooth_quant.py): per input feature, a
+    factor the input is multiplied by before anything else sees it, its inverse folded into the
+    weight's columns, so that the float product is unchanged while the outliers of a few input
+    features move into the weights. "The input" (observers, caches, `compute`) is the smoothed one.
     """
 
     def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None,
@@ -35,6 +40,7 @@ class QuantLayer(nn.Module):
                                           symmetric=w_symmetric)
         self.input_quantizer = Quantizer(a_bits, symmetric=a_symmetric)
         self.observer = None
+        self.register_buffer("smooth", None)  # in the state dict only when set
         # (bias,) while a model's functional call hands its own bias (prepare/functional.py)
         self.bias_override = None
         self._weight_cache = None  # (key, tensor): the quantized weight, reused while nothing changes
@@ -91,16 +97,45 @@ class QuantLayer(nn.Module):
             return F.linear(x, weight, bias)
         return self.layer._conv_forward(x, weight, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer(self, real_tokens(x))
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input as its quantizer sees it: times `smooth` where the layer has it."""
+        return x if self.smooth is None else x * self.smooth.to(x.dtype)
+
+    def set_smooth(self, factor: torch.Tensor | None) -> None:
+        """Multiply the input by `factor` (per input feature) and the weight's columns by its
+        inverse; None undoes a smoothing. The quantizers' ranges must be calibrated again."""
+        if not isinstance(self.layer, nn.Linear):
+            raise TypeError("only a Linear layer's input is smoothed")
+        old = torch.ones(self.layer.in_features) if self.smooth is None else self.smooth
+        new = torch.ones_like(old) if factor is None else factor.detach().to(old)
+        with torch.no_grad():
+            self.layer.weight.mul_((old / new).to(self.layer.weight))
+        self.smooth = None if factor is None else new.to(self.layer.weight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A state with `smooth` gives the layer the buffer to load it into; a state of this layer
+        # without it (its weight is there) is an unsmoothed layer.
+        if prefix + "smooth" in state_dict:
+            self.smooth = torch.empty_like(state_dict[prefix + "smooth"])
+        elif prefix + "layer.weight" in state_dict:
+            self.smooth = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized output from an input already smoothed (what observers see)."""
         bias = self.layer.bias if self.bias_override is None else self.bias_override[0]
         return self.apply(self.input_quantizer(x), self.quantized_weight(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.smoothed(x)
+        if self.observer is not None:
+            self.observer(self, real_tokens(x))
+        return self.compute(x)
 
     def extra_repr(self) -> str:
         def b(v):
             return "float" if v is None else str(v)
-        return f"w_bits={b(self.w_bits)}, a_bits={b(self.a_bits)}"
+        return f"w_bits={b(self.w_bits)}, a_bits={b(self.a_bits)}" + (", smoothed" if self.smooth is not None else "")
 
 
 def quant_layers(module: nn.Module) -> dict[str, QuantLayer]:
