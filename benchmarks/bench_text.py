@@ -12,8 +12,9 @@ precision is uniform, so the pipelines run without their bit-allocation step: rt
 light = ranges, bn_tuning (a no-op here: no BatchNorm), bias_tuning; advanced = ranges,
 parallel AdaQuant, sequential AdaQuant, bn_tuning, bias_tuning; layer = ranges, sequential
 layer-wise AdaQuant; block = ranges, sequential block reconstruction with QDrop; default = the
-default pipeline at that width (W8A8: ranges and bias correction); default-linear-only = the
-same with attention's matrix products in float. Writes the rows as JSON
+default pipeline at that width (W8A8: ranges, SmoothQuant, bias correction); default-linear-only
+= the same with attention's matrix products in float; bias-correction = ranges and bias
+correction (the W8A8 default before SmoothQuant). Writes the rows as JSON
 (default benchmarks/results/text.json).
 
 --peers adds, at each precision a peer offers, the peer toolkits' defaults on the same encoder,
@@ -53,7 +54,7 @@ CLASSES = ("negative", "neutral", "positive")
 PIPELINES = {"rtn": ("ranges",), "light": ("ranges", "bn_tuning", "bias_tuning"),
              "advanced": ("ranges", "adaquant", "adaquant_sequential", "bn_tuning", "bias_tuning"),
              "layer": ("ranges", "adaquant"), "block": ("ranges", "adaquant"), "default": None,
-             "default-linear-only": None}
+             "default-linear-only": None, "bias-correction": ("ranges", "bias_correction")}
 # default-linear-only: the default with attention's two matrix products left in float, as NNCF's
 # model_type=TRANSFORMER leaves them (it quantizes the Linear layers' inputs only).
 SETTINGS = {"default-linear-only": {"quantize_attention": False}}
