@@ -14,7 +14,8 @@ parallel AdaQuant, sequential AdaQuant, bn_tuning, bias_tuning; layer = ranges, 
 layer-wise AdaQuant; block = ranges, sequential block reconstruction with QDrop; default = the
 default pipeline at that width (W8A8: ranges, SmoothQuant, bias correction); default-linear-only
 = the same with attention's matrix products in float; bias-correction = ranges and bias
-correction (the W8A8 default before SmoothQuant). Writes the rows as JSON
+correction (the W8A8 default before SmoothQuant); smooth-block = block after SmoothQuant.
+Writes the rows as JSON
 (default benchmarks/results/text.json).
 
 --peers adds, at each precision a peer offers, the peer toolkits' defaults on the same encoder,
@@ -54,14 +55,16 @@ CLASSES = ("negative", "neutral", "positive")
 PIPELINES = {"rtn": ("ranges",), "light": ("ranges", "bn_tuning", "bias_tuning"),
              "advanced": ("ranges", "adaquant", "adaquant_sequential", "bn_tuning", "bias_tuning"),
              "layer": ("ranges", "adaquant"), "block": ("ranges", "adaquant"), "default": None,
-             "default-linear-only": None, "bias-correction": ("ranges", "bias_correction")}
+             "default-linear-only": None, "bias-correction": ("ranges", "bias_correction"),
+             "smooth-block": ("ranges", "smooth_quant", "adaquant")}
 # default-linear-only: the default with attention's two matrix products left in float, as NNCF's
 # model_type=TRANSFORMER leaves them (it quantizes the Linear layers' inputs only).
 SETTINGS = {"default-linear-only": {"quantize_attention": False}}
 # The AdaQuant settings of the two sequential pipelines: the paper's layer-wise fit, and
 # transformer layers fitted whole with QDrop (calibrate/calls.py).
 UNITS = {"layer": {"mode": "sequential", "reconstruct": "layer", "qdrop": 0.0},
-         "block": {"mode": "sequential", "reconstruct": "block"}}
+         "block": {"mode": "sequential", "reconstruct": "block"},
+         "smooth-block": {"mode": "sequential", "reconstruct": "block"}}
 
 
 def tweets_path() -> str:
