@@ -9,7 +9,7 @@ from tinymodels import OutlierTokens, TinyViT, outlier_tokens, tiny
 import sub8
 from sub8.calibrate.adaquant import capture_inputs, reconstruction_mse
 from sub8.calibrate.variables import StepVariable, VariableLayer
-from sub8.pipeline import AUTO_8_BITS, AUTO_8_BITS_ATTENTION, pipeline_steps
+from sub8.pipeline import pipeline_steps
 from sub8.quant.layers import float_mode, module_state, quant_layers
 
 W8A8 = dict(w_bits=8, a_bits=8, requantize=False, cache_dir=None)
@@ -64,6 +64,13 @@ def test_the_activation_grid_loses_the_outliers_and_the_output_error_falls():
     assert errors[1] < 0.7 * errors[0], errors
 
 
+def test_a_layer_whose_input_has_more_bits_than_its_weight_keeps_its_input():
+    _, qm = smoothed(w_bits=4, a_bits=8, first_last_bits=8)
+    names = {r["name"] for r in qm.report["smooth_quant"]["layers"]}
+    assert names == {"embed", "head"}  # the first and last layers: W8A8; up and down: W4A8
+    assert all(quant_layers(qm.prepared.module)[n].smooth is None for n in ("up", "down"))
+
+
 def test_a_layer_whose_input_quantizer_a_junction_shares_keeps_its_input():
     """With requantized junctions, `up`'s input quantizer also quantizes the residual add's input
     `h`: scaling it for `up` alone would put `h` on the wrong grid."""
@@ -106,7 +113,7 @@ def test_gptq_accumulates_the_hessian_of_the_smoothed_input(monkeypatch):
         return accumulate(self, site, x)
 
     monkeypatch.setattr(gptq.HessianAccumulator, "__call__", spy)
-    _, qm = smoothed(steps=("ranges", "smooth_quant", "gptq"), w_bits=4)
+    _, qm = smoothed(steps=("ranges", "smooth_quant", "gptq"), w_bits=4, a_bits=4)
     monkeypatch.setattr(gptq.HessianAccumulator, "__call__", accumulate)
     up = quant_layers(qm.prepared.module)["up"]
     # what GPTQ saw is the float model's smoothed input when the model before `up` is float
@@ -161,11 +168,12 @@ def test_artifact_and_onnx_keep_the_smoothing(tmp_path):
     assert np.abs(out - ref).max() <= 1e-2 * (ref.max() - ref.min())
 
 
-def test_auto_smooths_at_8_bits_in_models_with_attention_only():
+def test_auto_smooths_in_models_with_attention_only():
     vit, cnn = TinyViT().eval(), tiny()[0]
-    assert pipeline_steps(sub8.QuantConfig(), vit) == AUTO_8_BITS_ATTENTION
-    assert pipeline_steps(sub8.QuantConfig(), cnn) == AUTO_8_BITS
-    assert pipeline_steps(sub8.QuantConfig(), OutlierTokens()) == AUTO_8_BITS  # no attention: no smoothing
-    assert pipeline_steps(sub8.QuantConfig(w_bits=4), vit) == ("ranges", "adaquant")
+    assert pipeline_steps(sub8.QuantConfig(), vit) == ("ranges", "smooth_quant", "bias_correction")
+    assert pipeline_steps(sub8.QuantConfig(w_bits=4, a_bits=4), vit) == ("ranges", "smooth_quant", "adaquant")
+    for model in (cnn, OutlierTokens()):  # no attention: no smoothing
+        assert pipeline_steps(sub8.QuantConfig(), model) == ("ranges", "bias_correction")
+        assert pipeline_steps(sub8.QuantConfig(w_bits=4, a_bits=4), model) == ("ranges", "adaquant")
     with pytest.raises(sub8.Sub8Error, match=r"smooth_quant.alpha must be in \[0, 1\]"):
         sub8.QuantConfig(smooth_quant={"alpha": 1.5})

@@ -43,13 +43,14 @@ assert tuple(PIPELINES) == PIPELINE_NAMES  # (the CLI checks names before import
 
 # What `--pipeline auto` runs (benchmarks/bench_peers.py compares it): at 8 bits, rounding each
 # layer's weights shifts its output channels' means and the shifts add up through the network;
-# bias correction removes them for about twice RTN's time. A model with attention first moves its
-# Linear inputs' outlier features into the weights (SmoothQuant); on a CNN, whose one Linear is
-# the classifier, that did not help (benchmarks/results/peers*.json). Below 8 bits rounding
-# itself must be learned: sequential AdaQuant.
+# bias correction removes them for about twice RTN's time. Below 8 bits rounding itself must be
+# learned: sequential AdaQuant. A model with attention first moves its Linear inputs' outlier
+# features into the weights (SmoothQuant; MiniLM on tweets, peers_text.json and
+# reconstruct_text.json); on a CNN, whose one Linear is the classifier, that did not help.
 AUTO_8_BITS = ("ranges", "bias_correction")
-AUTO_8_BITS_ATTENTION = ("ranges", "smooth_quant", "bias_correction")
 AUTO_UNDER_8_BITS = ("ranges", "adaquant")
+SMOOTHED = {AUTO_8_BITS: ("ranges", "smooth_quant", "bias_correction"),
+            AUTO_UNDER_8_BITS: ("ranges", "smooth_quant", "adaquant")}
 
 
 def has_attention(model: nn.Module | None) -> bool:
@@ -60,15 +61,14 @@ def has_attention(model: nn.Module | None) -> bool:
 
 
 def auto_steps(config: QuantConfig, model: nn.Module | None = None) -> tuple[str, ...]:
-    """--pipeline auto: ranges and bias correction when every layer keeps 8 bits (with SmoothQuant
-    before bias correction when `model` has attention), ranges and AdaQuant (sequential at a
-    uniform precision) when any has fewer."""
+    """--pipeline auto: ranges and bias correction when every layer keeps 8 bits, ranges and
+    AdaQuant (sequential at a uniform precision) when any has fewer; with SmoothQuant after the
+    ranges when `model` has attention."""
     low = lowest_bits(config)
     if low is None:
         return ("ranges",)
-    if low < 8:
-        return AUTO_UNDER_8_BITS
-    return AUTO_8_BITS_ATTENTION if has_attention(model) else AUTO_8_BITS
+    steps = AUTO_8_BITS if low >= 8 else AUTO_UNDER_8_BITS
+    return SMOOTHED[steps] if has_attention(model) else steps
 
 
 def auto_requantize(config: QuantConfig, steps: tuple[str, ...]) -> bool:

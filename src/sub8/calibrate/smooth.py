@@ -82,12 +82,14 @@ def shared_input_quantizers(module: nn.Module) -> set[str]:
 
 
 def smoothable(prepared) -> dict[str, QuantLayer]:
-    """The Linear layers whose input and weight are both quantized and whose input quantizer is
-    their own."""
+    """The Linear layers whose input and weight are both quantized, whose input quantizer is
+    their own, and whose input has no more bits than its weight: where the input's grid is the
+    finer one, moving range into the weight costs more than it saves (MiniLM W4A8 with block
+    reconstruction: cosine 0.985 without, 0.975 with; W4A4 and W8A8 gain)."""
     shared = shared_input_quantizers(prepared.module)
     return {n: m for n, m in prepared.quant_layers().items()
             if isinstance(m.layer, nn.Linear) and m.input_quantizer.enabled and m.weight_quantizer.enabled
-            and n not in shared}
+            and n not in shared and m.a_bits <= m.w_bits}
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ class SmoothQuantConfig:
 @register("smooth_quant", settings=SmoothQuantConfig)
 def smooth_quant(ctx) -> dict:
     """Scale each Linear's input features by 1 / s and its weight's columns by s (the float
-    output unchanged), then calibrate those layers' ranges again."""
+    output unchanged) where the input has no more bits than the weight, then calibrate those
+    layers' ranges again."""
     c, cfg = ctx.config, ctx.config.smooth_quant
     start = time.perf_counter()
     calib = ctx.calib.to(c.device)
