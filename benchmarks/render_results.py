@@ -176,7 +176,9 @@ def text_table(r: dict) -> list[str]:
     lines = [f"{r['model']} on {r['data']}: a frozen float logistic-regression head fit on {sizes['fit']} float "
              f"embeddings, tested on {sizes['test']} tweets; {sizes['calib']} calibration tweets; first and last "
              "Linear at 8 bits. `layer`: sequential layer-wise AdaQuant; `block`: each transformer layer fitted "
-             f"whole with QDrop; AdaQuant budget {r['args'].get('budget', 'auto')}.", "",
+             "whole with QDrop; `smooth-block`: SmoothQuant, then `block` (the default below 8 bits); `default`: "
+             "the default at that width (W8A8: ranges, SmoothQuant, bias correction); `bias-correction`: ranges, "
+             f"bias correction; AdaQuant budget {r['args'].get('budget', 'auto')}.", "",
              "| precision | pipeline | accuracy | vs float (points) | cosine to float | seconds |", "|---|---|---|---|---|---|"]
     base = next(x["accuracy"] for x in r["rows"] if x["precision"] == "float")
     for x in r["rows"]:
