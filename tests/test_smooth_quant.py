@@ -177,3 +177,12 @@ def test_auto_smooths_in_models_with_attention_only():
         assert pipeline_steps(sub8.QuantConfig(w_bits=4, a_bits=4), model) == ("ranges", "adaquant")
     with pytest.raises(sub8.Sub8Error, match=r"smooth_quant.alpha must be in \[0, 1\]"):
         sub8.QuantConfig(smooth_quant={"alpha": 1.5})
+
+
+def test_smoothing_twice_keeps_the_float_model_and_composes_the_factors():
+    model, qm = smoothed(steps=("ranges", "smooth_quant", "smooth_quant"))
+    x = calib_tokens(16, seed=6)
+    with torch.no_grad(), float_mode(qm.prepared.module):
+        assert torch.allclose(qm.prepared(x), model(x), atol=1e-4)
+    up = quant_layers(qm.prepared.module)["up"]
+    assert torch.allclose(up.layer.weight * up.smooth, model.up.weight, rtol=1e-4, atol=1e-6)

@@ -59,7 +59,7 @@ def smoothing_factor(x_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -
 def product_error(layer: QuantLayer, rows: torch.Tensor, factor: torch.Tensor | None, method: str,
                   percentile: float) -> float:
     """Mean squared error of the quantized product against the float one on `rows` (the layer's
-    unsmoothed inputs), with the input times `factor` and the weight's columns over it, each
+    inputs as observed), with the input times `factor` and the weight's columns over it, each
     quantizer's range set by `method` from these tensors. Sets the layer's quantizers' ranges."""
     w = layer.layer.weight.detach().float()
     x = rows if factor is None else rows * factor
@@ -114,6 +114,8 @@ def smooth_layers(prepared, calib: torch.Tensor, alpha: float, method: str, perc
         records.append({"name": name, "error_plain": product_error(layer, rows, None, method, percentile),
                          "error": product_error(layer, rows, factor, method, percentile),
                          "input_amax_ratio": (amax.max() / amax.clamp(min=EPS).median()).item()})
+        if layer.smooth is not None:  # smoothed before: the new factor comes on top
+            factor = factor * layer.smooth
         layer.set_smooth(factor)
         reference[name].set_smooth(factor)
     return records
