@@ -186,3 +186,20 @@ def test_smoothing_twice_keeps_the_float_model_and_composes_the_factors():
         assert torch.allclose(qm.prepared(x), model(x), atol=1e-4)
     up = quant_layers(qm.prepared.module)["up"]
     assert torch.allclose(up.layer.weight * up.smooth, model.up.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_a_vision_transformer_by_default_smooths_its_projections_and_keeps_its_float_model():
+    """TinyViT (nn.MultiheadAttention, spelled out into four Linears) under the auto pipeline: at
+    W8A8 the MLP's first Linear reads the residual stream that a requantized junction shares, so
+    it keeps its input; at W4A4 (no junctions) it is smoothed too."""
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    x = torch.rand(32, 3, 32, 32)
+    for bits, first_mlp in ((8, False), (4, True)):
+        qm = sub8.quantize(model, x, sub8.QuantConfig(w_bits=bits, a_bits=bits, cache_dir=None,
+                                                      adaquant={"iters": 2}))
+        names = {r["name"] for r in qm.report["smooth_quant"]["layers"]}
+        assert {f"blocks.{b}.attn.{p}_proj" for b in (0, 1) for p in ("q", "k", "v", "out")} <= names
+        assert ("blocks.0.mlp.0" in names) == first_mlp
+        with torch.no_grad(), float_mode(qm.prepared.reference):
+            assert torch.allclose(qm.prepared.reference(x), model(x), atol=1e-5)
