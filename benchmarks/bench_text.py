@@ -15,8 +15,7 @@ layer-wise AdaQuant; block = ranges, sequential block reconstruction with QDrop;
 default pipeline at that width (W8A8: ranges, SmoothQuant, bias correction); default-linear-only
 = the same with attention's matrix products in float; bias-correction = ranges and bias
 correction (the W8A8 default before SmoothQuant); smooth-block = block after SmoothQuant.
-Writes the rows as JSON
-(default benchmarks/results/text.json).
+Writes the rows as JSON (default benchmarks/results/text.json).
 
 --peers adds, at each precision a peer offers, the peer toolkits' defaults on the same encoder,
 calibration tweets and frozen head (benchmarks/bench_peers.py's settings, pip install -e

@@ -49,8 +49,6 @@ assert tuple(PIPELINES) == PIPELINE_NAMES  # (the CLI checks names before import
 # reconstruct_text.json); on a CNN, whose one Linear is the classifier, that did not help.
 AUTO_8_BITS = ("ranges", "bias_correction")
 AUTO_UNDER_8_BITS = ("ranges", "adaquant")
-SMOOTHED = {AUTO_8_BITS: ("ranges", "smooth_quant", "bias_correction"),
-            AUTO_UNDER_8_BITS: ("ranges", "smooth_quant", "adaquant")}
 
 
 def has_attention(model: nn.Module | None) -> bool:
@@ -68,7 +66,7 @@ def auto_steps(config: QuantConfig, model: nn.Module | None = None) -> tuple[str
     if low is None:
         return ("ranges",)
     steps = AUTO_8_BITS if low >= 8 else AUTO_UNDER_8_BITS
-    return SMOOTHED[steps] if has_attention(model) else steps
+    return ("ranges", "smooth_quant", *steps[1:]) if has_attention(model) else steps
 
 
 def auto_requantize(config: QuantConfig, steps: tuple[str, ...]) -> bool:

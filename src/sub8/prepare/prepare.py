@@ -63,13 +63,10 @@ class PreparedModel:
         layers = self.quant_layers()
         for info in self.layers:
             info.w_bits, info.a_bits = layers[info.name].w_bits, layers[info.name].a_bits
-        reference = quant_layers(self.reference)
-        for name, layer in layers.items():
-            ref = reference.get(name)
-            if ref is None or (layer.smooth is None and ref.smooth is None):
-                continue
-            if ref.smooth is None or layer.smooth is None or not torch.equal(ref.smooth, layer.smooth):
-                ref.set_smooth(layer.smooth)
+        for name, ref in quant_layers(self.reference).items():
+            smooth = layers[name].smooth
+            if (smooth is None) != (ref.smooth is None) or (smooth is not None and not torch.equal(smooth, ref.smooth)):
+                ref.set_smooth(smooth)
 
 
 def assign_bits(layers: list[LayerInfo], config) -> None:
