@@ -40,13 +40,16 @@ from .adaquant import LR_SCALE, BatchBuffers, plan_groups, reconstruction_grad
 from .calls import CallRecord, CallUnit, padded, quantized_modules, record_call, token_weights
 from .fisher import fisher_weights
 from .split import holdout_split
-from .variables import LearnedRounding, UnitVariables, beta_at, random_mask
+from .variables import LearnedRounding, UnitVariables, beta_at, mix, random_mask
 
 def mix_inputs(x_q: torch.Tensor, x_f: torch.Tensor, p: float, generator: torch.Generator):
-    """QDrop's unit input: the float model's value where the mask (probability p) is set, the
-    quantized model's elsewhere. Returns (mixed, mask)."""
+    """QDrop's unit input: the float model's value where the mask (probability p) is 1, the
+    quantized model's elsewhere. Returns (mixed, mask). An integer input (token ids, an
+    attention mask) is the same in both models and stays as it is."""
     mask = random_mask(x_q, p, generator)
-    return torch.where(mask, x_f, x_q), mask
+    if not x_q.is_floating_point():
+        return x_q, mask
+    return mix(x_f, x_q, mask), mask
 
 
 # -- graph pieces ------------------------------------------------------------------------------
@@ -374,6 +377,7 @@ def fit_unit(module: nn.Module, variables: UnitVariables, xs_q: list, xs_f: list
     opt = MultiTensorAdam(params, lrs)
     batch = min(cfg.batch_size, len(train))
     numel = y[0].numel()
+    features = y.shape[1] if y.dim() == 4 else y.shape[-1]  # (images: channels; tokens, rows: the last)
     grad_scale = 2.0 / (batch * numel)  # the mean's 2/N, on the parameters' gradients
     zero_points = [z for s in steps for z in s.zero_points]
     zp = ([z for z, _, _ in zero_points], [float(lo) for _, lo, _ in zero_points], [float(hi) for *_, hi in zero_points])
@@ -404,8 +408,10 @@ def fit_unit(module: nn.Module, variables: UnitVariables, xs_q: list, xs_f: list
                     torch._foreach_mul_([p.grad for p in params if p.grad is not None], grad_scale)
                 beta = beta_at(it, cfg.iters)
                 if rounding and beta is not None:
-                    # BRECQ's balance: the regularizer against the per-sample sum of squared errors.
-                    (sum(v.regularizer(beta) for v in rounding) * (cfg.rounding_reg / numel)).backward()
+                    # BRECQ's and QDrop's balance: the regularizer against the squared error
+                    # summed over the features at one position (their loss sums over dim 1 and
+                    # averages over the rest); this loss is the mean over all of them.
+                    (sum(v.regularizer(beta) for v in rounding) * (cfg.rounding_reg / features)).backward()
                 opt.step(lr_scale(it, cfg.iters))
                 if zp[0]:
                     with torch.no_grad():
