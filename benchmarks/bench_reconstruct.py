@@ -3,7 +3,7 @@ the float model on the benchmark photos, time, per width and seed; or (--memory)
 process's peak RSS of each on torchvision ResNet-50 with random weights.
 
     python benchmarks/bench_reconstruct.py [--bits W4A4,W2A4,W4A8] [--seeds 0,1,2] \
-        [--configs layer,block,block+learned,block+qdrop,block+learned+qdrop] [--iters 100]
+        [--configs layer,block,block+learned,block+qdrop,block+learned+qdrop] [--iters 100[,400]]
     python benchmarks/bench_reconstruct.py --memory [--samples 512] [--max-memory 4] [--update]
 
 A config is `layer` or `block`, with `+learned` (AdaRound's rounding) and `+qdrop` (p = 0.5);
@@ -18,6 +18,7 @@ seeds); writes benchmarks/results/reconstruct.json (--memory: reconstruct_memory
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -58,30 +59,31 @@ def quality(args) -> int:
     float_logits = predict(model, evals, 64, args.device)
     print(f"{args.model}: {len(calib)} calibration / {len(evals)} evaluation photos; {args.iters} iterations "
           f"per unit; seeds {args.seeds}", flush=True)
-    print(f"{'bits':<6} {'config':<22} {'seed':>4} {'conf top1':>9} {'top1':>6} {'KL':>7} {'minutes':>7}", flush=True)
+    print(f"{'bits':<6} {'config':<22} {'iters':>5} {'seed':>4} {'conf top1':>9} {'top1':>6} {'KL':>7} {'minutes':>7}",
+          flush=True)
     rows = []
-    for bits in args.bits.split(","):
+    for bits, config, iters, seed in itertools.product(args.bits.split(","), args.configs.split(","),
+                                                       [int(i) for i in str(args.iters).split(",")],
+                                                       [int(s) for s in args.seeds.split(",")]):
         w, a = (int(v) for v in bits.upper().lstrip("W").split("A"))
-        for config in args.configs.split(","):
-            for seed in [int(s) for s in args.seeds.split(",")]:
-                qc = QuantConfig(w_bits=w, a_bits=a, pipeline="adaquant", cache_dir=None, seed=seed,
-                                 device=args.device, adaquant=settings(config, args.iters))
-                if config.startswith("mixed+"):
-                    qc = mixed(qc, model, calib, args.sensitivity_samples)
-                start = time.perf_counter()
-                result = quantize(model, calib, qc)
-                seconds = time.perf_counter() - start
-                metrics = compare(float_logits, predict(result.module, evals, 64, args.device))
-                rows.append({"bits": bits, "config": config, "seed": seed, "seconds": seconds,
-                             "metrics": {k: metrics[k] for k in (*METRICS, "n_confident")},
-                             "adaquant": result.report.get("adaquant"), "allocate": result.report.get("allocate")})
-                print(f"{bits:<6} {config:<22} {seed:>4} {metrics['top1_agreement_confident']:9.3f} "
-                      f"{metrics['top1_agreement']:6.3f} {metrics['kl']:7.3f} {seconds / 60:7.1f}", flush=True)
-                write_result(args.name, {"model": args.model, "device": args.device, "n_calib": len(calib), "n_eval": len(evals),
-                                             "iters": args.iters, "rows": rows, "summary": summary(rows)}, args.json)
+        qc = QuantConfig(w_bits=w, a_bits=a, pipeline="adaquant", cache_dir=None, seed=seed,
+                         device=args.device, adaquant=settings(config, iters))
+        if config.startswith("mixed+"):
+            qc = mixed(qc, model, calib, args.sensitivity_samples)
+        start = time.perf_counter()
+        result = quantize(model, calib, qc)
+        seconds = time.perf_counter() - start
+        metrics = compare(float_logits, predict(result.module, evals, 64, args.device))
+        rows.append({"bits": bits, "config": config, "iters": iters, "seed": seed, "seconds": seconds,
+                     "metrics": {k: metrics[k] for k in (*METRICS, "n_confident")},
+                     "adaquant": result.report.get("adaquant"), "allocate": result.report.get("allocate")})
+        print(f"{bits:<6} {config:<22} {iters:>5} {seed:>4} {metrics['top1_agreement_confident']:9.3f} "
+              f"{metrics['top1_agreement']:6.3f} {metrics['kl']:7.3f} {seconds / 60:7.1f}", flush=True)
+        write_result(args.name, {"model": args.model, "device": args.device, "n_calib": len(calib), "n_eval": len(evals),
+                                     "iters": args.iters, "rows": rows, "summary": summary(rows)}, args.json)
     print("\nmean (spread) over seeds")
     for s in summary(rows):
-        print(f"{s['bits']:<6} {s['config']:<22} conf {s['conf_mean']:.3f} ({s['conf_min']:.3f}-{s['conf_max']:.3f}) "
+        print(f"{s['bits']:<6} {s['config']:<22} {s['iters']:>5} conf {s['conf_mean']:.3f} ({s['conf_min']:.3f}-{s['conf_max']:.3f}) "
               f"KL {s['kl_mean']:.3f} minutes {s['minutes_mean']:.1f}")
     return 0
 
@@ -102,10 +104,10 @@ def mixed(uniform: QuantConfig, model, calib, sensitivity_samples: int) -> Quant
 
 def summary(rows: list[dict]) -> list[dict]:
     out = []
-    for key in dict.fromkeys((r["bits"], r["config"]) for r in rows):
-        group = [r for r in rows if (r["bits"], r["config"]) == key]
+    for key in dict.fromkeys((r["bits"], r["config"], r.get("iters")) for r in rows):
+        group = [r for r in rows if (r["bits"], r["config"], r.get("iters")) == key]
         conf = [r["metrics"]["top1_agreement_confident"] for r in group]
-        out.append({"bits": key[0], "config": key[1], "seeds": len(group), "conf_mean": statistics.mean(conf),
+        out.append({"bits": key[0], "config": key[1], "iters": key[2], "seeds": len(group), "conf_mean": statistics.mean(conf),
                     "conf_min": min(conf), "conf_max": max(conf),
                     "kl_mean": statistics.mean(r["metrics"]["kl"] for r in group),
                     "minutes_mean": statistics.mean(r["seconds"] for r in group) / 60})
@@ -148,7 +150,7 @@ def memory(args) -> int:
         print(f"{config:<22} {row['peak_rss_mb']:11.0f} {row['peak_cache_mb']:13.0f} {row['seconds'] / 60:7.1f}",
               flush=True)
         write_result("reconstruct_memory", {"model": "torchvision resnet50 (random weights)", "n_calib": args.samples,
-                                            "max_memory_gb": args.max_memory, "iters": args.iters,
+                                            "max_memory_gb": args.max_memory, "iters": int(args.iters),
                                             "rows": [r for r in earlier if r["config"] not in
                                                      {x["config"] for x in rows}] + rows})
     return 0
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="W4A4,W2A4,W4A8")
     ap.add_argument("--configs", default="layer,block,block+learned,block+qdrop,block+learned+qdrop")
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--iters", default="100", help="iterations per unit; a list runs each")
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--sensitivity-samples", type=int, default=64, help="mixed+: photos for the sensitivities")
     ap.add_argument("--memory", action="store_true", help="peak RSS on ResNet-50 instead of quality")
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args.samples, args.max_memory, args.iters)))
+        print(json.dumps(memory_child(args.memory_child, args.samples, args.max_memory, int(args.iters))))
         return 0
     return memory(args) if args.memory else quality(args)
 

@@ -147,15 +147,17 @@ def reconstruct_table(r: dict, mixed: bool = False) -> list[str]:
             if mixed else
             "per unit at the CPU setting (sequential, mini-batch 16); first and last layers at 8 bits. `layer`: "
             "AdaQuant; `block`: each block fitted whole; `+learned`: learned rounding; `+qdrop`: p = 0.5.")
+    per_row = len({x.get("iters") for x in r["rows"]}) > 1  # (a run over several iteration counts)
     lines = [f"{r['model']}, {r['n_calib']} calibration and {r['n_eval']} evaluation photos, {r['iters']} iterations "
              + what, "",
-             f"| bits | config | seed |{' BOPs / float |' if mixed else ''} confident top-1 agreement "
-             "| top-1 agreement | KL | minutes |",
-             "|---|---|---|" + ("---|" if mixed else "") + "---|---|---|---|"]
+             f"| bits | config |{' iterations |' if per_row else ''} seed |{' BOPs / float |' if mixed else ''} "
+             "confident top-1 agreement | top-1 agreement | KL | minutes |",
+             "|---|---|---|" + ("---|" if mixed else "") + ("---|" if per_row else "") + "---|---|---|---|"]
     for x in r["rows"]:
         bops = ((x.get("allocate") or {}).get("costs") or {}).get("bops", {}).get("ratio")
         cell = f" {fmt(bops, 4) if bops else 'uniform'} |" if mixed else ""
-        lines.append(f"| {x['bits']} | {x['config']} | {x['seed']} |{cell} {agreement(x['metrics'])} "
+        iters = f" {x['iters']} |" if per_row else ""
+        lines.append(f"| {x['bits']} | {x['config']} |{iters} {x['seed']} |{cell} {agreement(x['metrics'])} "
                      f"| {fmt(x['seconds'] / 60, 1)} |")
     return lines + [""]
 
@@ -287,6 +289,7 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
                              reconstruct_table),
              "reconstruct_w2a4": ("AdaQuant against block reconstruction with QDrop at W2A4", reconstruct_table),
              "reconstruct_w4a8": ("Block reconstruction with QDrop at W4A8", reconstruct_table),
+             "reconstruct_iters": ("Block reconstruction with QDrop: iterations per block", reconstruct_table),
              "reconstruct_seeds": ("AdaQuant against block reconstruction with QDrop at W4A4: more seeds",
                                    reconstruct_table),
              "reconstruct_mixed": ("Mixed precision against uniform W4A4, both with block reconstruction",
