@@ -345,3 +345,16 @@ def test_a_unit_too_large_for_the_budget_in_float32_is_cached_in_float16():
     assert (roomy["cache_dtype"], tight["cache_dtype"]) == ("float32", "float16")
     with pytest.raises(Sub8Error, match="max-memory"):
         adaquant(rtn(model, x), x, AdaQuantConfig(**cfg, max_memory_gb=0.5 / 1024), show_progress=False)
+
+
+def test_cpu_budget_gives_blocks_more_iterations_than_layers():
+    """Where a sequential run fits blocks, the budget's iterations are per block; layer-wise and
+    parallel runs (bit allocation's candidates) keep the per-layer count; --iters wins."""
+    from sub8.calibrate.adaquant import BLOCK_ITERS, BUDGETS
+
+    cpu = BUDGETS["cpu"]["iters"]
+    assert AdaQuantConfig().resolve("cpu").iters == BLOCK_ITERS["cpu"] > cpu
+    assert AdaQuantConfig(reconstruct="layer").resolve("cpu").iters == cpu
+    assert AdaQuantConfig(mode="parallel").resolve("cpu").iters == cpu
+    assert AdaQuantConfig(iters=7).resolve("cpu").iters == 7
+    assert AdaQuantConfig(budget="full").resolve("cpu").iters == BLOCK_ITERS["full"]
