@@ -94,7 +94,7 @@ class StepVariable:
         return self.step0 * torch.exp(self.u)
 
     def __call__(self, x: torch.Tensor, overwrite_grad: bool = False) -> torch.Tensor:
-        # (with dropping, the quantized value feeds torch.where, not only the layer)
+        # (with dropping, the quantized value feeds the mix, not only the layer)
         out = self.q.fake_quant(x, self.step(), overwrite_grad=overwrite_grad and not self.drop)
         if self.drop:
             out = mix(x, out, random_mask(x, self.drop, self.generator))
