@@ -63,7 +63,7 @@ def quality(args) -> int:
           flush=True)
     rows = []
     for bits, config, iters, seed in itertools.product(args.bits.split(","), args.configs.split(","),
-                                                       [int(i) for i in str(args.iters).split(",")],
+                                                       [int(i) for i in args.iters.split(",")],
                                                        [int(s) for s in args.seeds.split(",")]):
         w, a = (int(v) for v in bits.upper().lstrip("W").split("A"))
         qc = QuantConfig(w_bits=w, a_bits=a, pipeline="adaquant", cache_dir=None, seed=seed,

@@ -51,8 +51,8 @@ class _Mix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad[:2]
-        grad_a = grad * mask if need_a or need_b else None
+        need_a, need_b = ctx.needs_input_grad[:2]  # (called only when one of them is)
+        grad_a = grad * mask
         return (grad_a if need_a else None), (grad - grad_a if need_b else None), None
 
 
