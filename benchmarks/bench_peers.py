@@ -24,7 +24,9 @@ A peer that fails is a row with its exact error. Each row also counts the convol
 linear layers the tool really quantized where it can tell (sub8's layers; weights that pass
 through a PT2E graph's dequantize_per_channel): a quantizer without a pattern for a model's
 blocks leaves them float and looks nearly lossless. Writes benchmarks/results/--name.json;
---update keeps the file's rows of tools this run does not measure.
+--update keeps the file's rows of tools this run does not measure. --seeds 0,1,2 repeats the
+whole run for each seed, which draws a different calibration set (and seeds sub8): a peer and
+sub8 that differ by a few photos differ by what the draw alone moves, or not.
 """
 
 from __future__ import annotations
@@ -189,9 +191,9 @@ def coverage(qmodel) -> dict | None:
     return {"quantized": weights, "layers": total} if total else None
 
 
-def run_tool(kind, option, model, calib, w, a, args):
+def run_tool(kind, option, model, calib, w, a, args, seed):
     if kind == "sub8":
-        return run_sub8(model, calib, w, a, option, args.seed)
+        return run_sub8(model, calib, w, a, option, seed)
     if kind == "torchao":
         return run_torchao(model, calib, w, a, option)
     if kind == "nncf":
@@ -235,24 +237,26 @@ def main(argv=None) -> int:
     ap.add_argument("--brevitas-iters", type=int, default=200,
                     help="learned-rounding iterations per layer (Brevitas' default 1000 is hours on 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds, one whole run each (overrides --seed)")
     ap.add_argument("--name", default="peers", help="the result file's name")
     ap.add_argument("--update", action="store_true",
                     help="keep the result file's rows of the model and bit pairs this run does not measure "
                          "(each row names the commit that measured it)")
     args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
     rows = []
     print(f"{'model':20s} {'bits':5s} {'tool':58s} {'conf top1':>9s} {'top1':>6s} {'KL':>7s} {'seconds':>8s}")
-    for spec in args.models.split(","):
-        loaded, calib, evals, float_logits = same_inputs(spec, args.photos, args.samples, args.seed)
+    for seed, spec in [(seed, spec) for seed in seeds for spec in args.models.split(",")]:
+        torch.manual_seed(seed)
+        loaded, calib, evals, float_logits = same_inputs(spec, args.photos, args.samples, seed)
         for bits in args.bits.split(","):
             w, a = (int(v) for v in bits[1:].split("A"))
             for name, (kind, option) in tools(w, a, args).items():
                 row = {"model": spec, "bits": bits, "tool": name, "n_calib": len(calib), "n_eval": len(evals),
-                       "commit": commit()}
+                       "seed": seed, "commit": commit()}
                 start = time.perf_counter()
                 try:
-                    qmodel = run_tool(kind, option, loaded.module, calib, w, a, args)
+                    qmodel = run_tool(kind, option, loaded.module, calib, w, a, args, seed)
                     row["seconds"] = time.perf_counter() - start
                     row["metrics"] = compare(float_logits, predict(qmodel, evals))
                     row["coverage"] = coverage(qmodel)
@@ -271,7 +275,7 @@ def main(argv=None) -> int:
                     print(f"{spec:20s} {bits:5s} {name:58s} {row.get('not_offered') or row['error'][:200]}",
                           flush=True)
     if args.update:
-        key = lambda r: (r["model"], r["bits"], r["tool"])  # noqa: E731
+        key = lambda r: (r["model"], r["bits"], r["tool"], r.get("seed", 0))  # noqa: E731
         rows = kept_rows(args.name, {key(r) for r in rows}, key) + rows
         models = list(dict.fromkeys(r["model"] for r in rows))
         rows.sort(key=lambda r: (models.index(r["model"]), bits_order(r["bits"]), tool_order(r["tool"])))

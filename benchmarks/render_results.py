@@ -72,6 +72,7 @@ def peers_table(r: dict, models=None) -> list[str]:
     for model in models or dict.fromkeys(x["model"] for x in r["rows"]):
         rows = [x for x in r["rows"] if x["model"] == model]
         n = rows[0]
+        seeded = len({x.get("seed", 0) for x in rows}) > 1  # (a run with --seeds)
         lines += [f"{model}: {n['n_calib']} calibration and {n['n_eval']} evaluation photos; agreement with the "
                   f"float model; seconds of the whole quantization:", "",
                   "| bits | tool | confident top-1 agreement | top-1 agreement | KL | seconds | layers quantized | commit |",
@@ -82,13 +83,36 @@ def peers_table(r: dict, models=None) -> list[str]:
                 m = x["metrics"]
                 c = x.get("coverage")
                 covered = f"{c['quantized']}/{c['layers']}" if c else "not counted"
-                lines.append(f"| {x['bits']} | {x['tool']} | {agreement(m)} | {x['seconds']:.0f} | {covered} | {at} |")
+                tool = f"{x['tool']} (seed {x.get('seed', 0)})" if seeded else x["tool"]
+                lines.append(f"| {x['bits']} | {tool} | {agreement(m)} | {x['seconds']:.0f} | {covered} | {at} |")
             else:
                 why = x.get("not_offered") or x["error"].splitlines()[0][:160]
                 lines.append(f"| {x['bits']} | {x['tool']} | {'not offered' if 'not_offered' in x else 'failed'}: "
                              f"{why.replace('|', '/')} | | | | | {at} |")
         lines.append("")
     return lines
+
+
+def peers_seeds_table(r: dict) -> list[str]:
+    """peers_table run with --seeds: each tool's mean over the calibration draws, and its range."""
+    lines = peers_table(r)
+    groups = {}
+    for x in r["rows"]:
+        if "metrics" in x:
+            groups.setdefault((x["model"], x["bits"], x["tool"]), []).append(x)
+    lines += ["Over the seeds (each a different draw of the calibration photos): mean (lowest to highest).", "",
+              "| model | bits | tool | seeds | confident top-1 agreement | confident photos flipped | "
+              "top-1 agreement | KL |", "|---|---|---|---|---|---|---|---|"]
+
+    def spread(xs, key, digits=3):
+        v = [x["metrics"][key] for x in xs]
+        return f"{fmt(sum(v) / len(v), digits)} ({fmt(min(v), digits)} to {fmt(max(v), digits)})"
+    for (model, bits, tool), xs in groups.items():
+        flipped = [round(x["metrics"]["n_confident"] * (1 - x["metrics"]["top1_agreement_confident"])) for x in xs]
+        lines.append(f"| {model} | {bits} | {tool} | {','.join(str(x.get('seed', 0)) for x in xs)} | "
+                     f"{spread(xs, 'top1_agreement_confident')} | {', '.join(map(str, flipped))} | "
+                     f"{spread(xs, 'top1_agreement')} | {spread(xs, 'kl', 4)} |")
+    return lines + [""]
 
 
 def peers_headline(r: dict) -> list[str]:
@@ -283,6 +307,8 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table),
              "peers": ("sub8 against torchao, NNCF and Brevitas", peers_table),
              "peers_efficientnet": ("sub8 against torchao and NNCF: EfficientNet-Lite0", peers_table),
+             "peers_w8a8_seeds": ("sub8's W8A8 default against torchao and NNCF over three calibration draws",
+                                  peers_seeds_table),
              "w8a8": ("The W8A8 default's parts, one at a time, next to NNCF", w8a8_table),
              "onnx": ("ONNX Runtime: the exported W8A8 model against float", onnx_table),
              "reconstruct": ("Layer-wise AdaQuant against block reconstruction, learned rounding and QDrop",
