@@ -5,8 +5,9 @@ time, next to NNCF's default, on the same photos, in one run.
         [--photos data/bench-photos] [--samples 256] [--no-nncf]
 
 Each row is the default W8A8 run with one choice changed (the range method of weights and
-activations, requantized junctions, bias correction), measured against the float model on every
-evaluation photo: top-1 agreement on all and on the confident ones (float top probability at
+activations, requantized junctions, bias correction), or the default model with one group of
+its quantizers passing their inputs through (where the loss sits), measured against the float
+model on every evaluation photo: top-1 agreement on all and on the confident ones (float top probability at
 least 0.5), mean KL(float || quantized), and two figures that tell a systematic error from a
 random one on the confident photos: the mean change of the float top class's logit, and the mean
 and spread of the change of its margin over the runner-up. A negative mean shrinks the decisions
@@ -17,6 +18,7 @@ another tool's. Writes benchmarks/results/w8a8.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -29,6 +31,7 @@ from bench_peers import run_nncf, same_inputs  # noqa: E402  (the peers' inputs 
 from results_io import write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.evaluate import CONFIDENT, compare, predict  # noqa: E402
+from sub8.quant.quantizer import Quantizer  # noqa: E402
 
 # (label, QuantConfig settings over the default W8A8 run)
 VARIANTS = (
@@ -39,6 +42,28 @@ VARIANTS = (
     ("default, no bias correction (rtn)", {"pipeline": "rtn"}),
     ("default, --no-requantize", {"requantize": False}),
 )
+
+# (label, which of the default model's quantizers pass their input through): where the loss sits.
+# Bias correction stays as the default run set it (for its quantized weights).
+BYPASSED = (
+    ("default, only weights quantized", lambda name: not name.endswith("weight_quantizer")),
+    ("default, weights and junctions quantized (layer inputs float)",
+     lambda name: name.endswith("input_quantizer") and not name.startswith("requant_")),
+    ("default, junctions float", lambda name: name.startswith("requant_")),
+)
+
+
+@contextlib.contextmanager
+def bypassed(module, which):
+    """Run `module` with the quantizers whose names `which` picks acting as float."""
+    chosen = [q for name, q in module.named_modules() if isinstance(q, Quantizer) and which(name)]
+    for q in chosen:
+        q.bypass = True
+    try:
+        yield module
+    finally:
+        for q in chosen:
+            q.bypass = False
 
 
 def decision_shift(float_logits: torch.Tensor, quant_logits: torch.Tensor) -> dict:
@@ -73,18 +98,26 @@ def main(argv=None) -> int:
             w_bits=8, a_bits=8, cache_dir=None, seed=args.seed, **s)).module) for label, settings in VARIANTS]
         if not args.no_nncf:
             runs.append(("NNCF nncf.quantize default preset", lambda: run_nncf(loaded.module, calib, 8, 8)))
-        for label, run in runs:
-            start = time.perf_counter()
-            qmodel = run()
-            seconds = time.perf_counter() - start
-            quant_logits = predict(qmodel, evals)
+
+        def measured(label, quant_logits, seconds):
             row = {"model": spec, "recipe": label, "seconds": seconds, "n_calib": len(calib),
                    "metrics": compare(float_logits, quant_logits), **decision_shift(float_logits, quant_logits)}
             rows.append(row)
             m = row["metrics"]
             print(f"{spec:20s} {label:66s} {m['top1_agreement_confident']:6.3f} {m['top1_agreement']:6.3f} "
                   f"{m['kl']:7.4f} {row['top_logit_change']:+6.3f} {row['margin_change']:+6.3f}±{row['margin_change_sd']:.3f} "
-                  f"{seconds:5.1f}", flush=True)
+                  f"{seconds or 0:5.1f}", flush=True)
+
+        default = None
+        for label, run in runs:
+            start = time.perf_counter()
+            qmodel = run()
+            seconds = time.perf_counter() - start
+            measured(label, predict(qmodel, evals), seconds)
+            default = qmodel if default is None else default  # VARIANTS[0]'s
+        for label, which in BYPASSED:  # (no time: the default model, evaluated again)
+            with bypassed(default, which):
+                measured(label, predict(default, evals), None)
     print(f"wrote {write_result('w8a8', {'args': vars(args), 'rows': rows})}")
     return 0
 

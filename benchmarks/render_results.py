@@ -138,7 +138,7 @@ def w8a8_table(r: dict) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         lines.append(f"| {x['model']} | {x['recipe']} | {agreement(x['metrics'])} | {x['top_logit_change']:+.3f} | "
-                     f"{x['margin_change']:+.3f} ± {x['margin_change_sd']:.3f} | {x['seconds']:.0f} |")
+                     f"{x['margin_change']:+.3f} ± {x['margin_change_sd']:.3f} | {fmt(x['seconds'], 0)} |")
     return lines + [""]
 
 
