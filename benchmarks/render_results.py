@@ -132,8 +132,10 @@ def peers_headline(r: dict) -> list[str]:
 
 
 def w8a8_table(r: dict) -> list[str]:
-    lines = ["Each row changes one part of the default W8A8 run. On the photos where float is confident: the mean "
-             "change of the float top class's logit, and of its margin over the runner-up (mean ± SD).", "",
+    lines = ["Each row changes one part of the default W8A8 run; the last rows per model run the default model with "
+             "one group of its quantizers passing through (no time of their own). On the photos where float is "
+             "confident: the mean change of the float top class's logit, and of its margin over the runner-up "
+             "(mean ± SD).", "",
              "| model | recipe | confident top-1 | top-1 | KL | top logit change | margin change | seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
