@@ -32,6 +32,7 @@ sub8 that differ by a few photos differ by what the draw alone moves, or not.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
     seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
     rows = []
     print(f"{'model':20s} {'bits':5s} {'tool':58s} {'conf top1':>9s} {'top1':>6s} {'KL':>7s} {'seconds':>8s}")
-    for seed, spec in [(seed, spec) for seed in seeds for spec in args.models.split(",")]:
+    for seed, spec in itertools.product(seeds, args.models.split(",")):
         torch.manual_seed(seed)
         loaded, calib, evals, float_logits = same_inputs(spec, args.photos, args.samples, seed)
         for bits in args.bits.split(","):

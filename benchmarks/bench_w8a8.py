@@ -7,18 +7,17 @@ time, next to NNCF's default, on the same photos, in one run.
 Each row is the default W8A8 run with one choice changed (the range method of weights and
 activations, requantized junctions, bias correction), or the default model with one group of
 its quantizers passing their inputs through (where the loss sits), measured against the float
-model on every evaluation photo: top-1 agreement on all and on the confident ones (float top probability at
-least 0.5), mean KL(float || quantized), and two figures that tell a systematic error from a
-random one on the confident photos: the mean change of the float top class's logit, and the mean
-and spread of the change of its margin over the runner-up. A negative mean shrinks the decisions
-the model was sure of, which flips confident photos even when the spread (and KL) is as small as
-another tool's. Writes benchmarks/results/w8a8.json.
+model on every evaluation photo: top-1 agreement on all and on the confident ones (float top
+probability at least 0.5), mean KL(float || quantized), and two figures that tell a systematic
+error from a random one on the confident photos: the mean change of the float top class's logit,
+and the mean and spread of the change of its margin over the runner-up. A negative mean shrinks
+the decisions the model was sure of, which flips confident photos even when the spread (and KL)
+is as small as another tool's. Writes benchmarks/results/w8a8.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from bench_peers import run_nncf, same_inputs  # noqa: E402  (the peers' inputs 
 from results_io import write_result  # noqa: E402
 from sub8 import QuantConfig, quantize  # noqa: E402
 from sub8.evaluate import CONFIDENT, compare, predict  # noqa: E402
-from sub8.quant.quantizer import Quantizer  # noqa: E402
+from sub8.quant.layers import float_mode  # noqa: E402
 
 # (label, QuantConfig settings over the default W8A8 run)
 VARIANTS = (
@@ -52,18 +51,6 @@ BYPASSED = (
     ("default, junctions float", lambda name: name.startswith("requant_")),
 )
 
-
-@contextlib.contextmanager
-def bypassed(module, which):
-    """Run `module` with the quantizers whose names `which` picks acting as float."""
-    chosen = [q for name, q in module.named_modules() if isinstance(q, Quantizer) and which(name)]
-    for q in chosen:
-        q.bypass = True
-    try:
-        yield module
-    finally:
-        for q in chosen:
-            q.bypass = False
 
 
 def decision_shift(float_logits: torch.Tensor, quant_logits: torch.Tensor) -> dict:
@@ -106,7 +93,7 @@ def main(argv=None) -> int:
             m = row["metrics"]
             print(f"{spec:20s} {label:66s} {m['top1_agreement_confident']:6.3f} {m['top1_agreement']:6.3f} "
                   f"{m['kl']:7.4f} {row['top_logit_change']:+6.3f} {row['margin_change']:+6.3f}±{row['margin_change_sd']:.3f} "
-                  f"{seconds or 0:5.1f}", flush=True)
+                  f"{'-' if seconds is None else format(seconds, '.1f'):>5s}", flush=True)
 
         default = None
         for label, run in runs:
@@ -116,7 +103,7 @@ def main(argv=None) -> int:
             measured(label, predict(qmodel, evals), seconds)
             default = qmodel if default is None else default  # VARIANTS[0]'s
         for label, which in BYPASSED:  # (no time: the default model, evaluated again)
-            with bypassed(default, which):
+            with float_mode(default, which):
                 measured(label, predict(default, evals), None)
     print(f"wrote {write_result('w8a8', {'args': vars(args), 'rows': rows})}")
     return 0

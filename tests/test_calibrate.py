@@ -102,3 +102,22 @@ def test_compare_metrics():
     assert m["kl"] == pytest.approx(kl.item())
     same = compare(f, f)
     assert same["kl"] == 0 and same["top1_agreement"] == 1.0
+
+
+def test_float_mode_bypasses_the_quantizers_it_is_told_to_and_restores_them():
+    """Weights quantized, inputs float (by name) equals the model whose activation grids are off."""
+    model, x, p = prepared_tiny(w_bits=4, a_bits=4)
+    calibrate_ranges(p, x, "minmax")
+    layers = p.quant_layers()
+    with torch.no_grad():
+        everything = p.module(x)
+        with float_mode(p.module, lambda name: name.endswith("input_quantizer")):
+            weights_only = p.module(x)
+        for layer in layers.values():
+            layer.input_quantizer.bypass = True
+        expected = p.module(x)
+        for layer in layers.values():
+            layer.input_quantizer.bypass = False
+        assert torch.equal(p.module(x), everything)  # restored
+    assert torch.equal(weights_only, expected)
+    assert not torch.equal(weights_only, everything)

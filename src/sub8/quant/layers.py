@@ -182,9 +182,11 @@ def quant_inputs(module: nn.Module) -> dict[str, QuantLayer | QuantInput]:
 
 
 @contextlib.contextmanager
-def float_mode(module: nn.Module):
-    """Run `module` with every quantizer bypassed: the exact (BN-folded) float model."""
-    quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
+def float_mode(module: nn.Module, which=None):
+    """Run `module` with every quantizer bypassed: the exact (BN-folded) float model; or only the
+    quantizers whose names `which(name)` picks (where a model loses, group by group)."""
+    quantizers = [m for name, m in module.named_modules()
+                  if isinstance(m, Quantizer) and (which is None or which(name))]
     before = [q.bypass for q in quantizers]
     for q in quantizers:
         q.bypass = True
