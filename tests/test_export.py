@@ -236,11 +236,12 @@ def test_mobilenet_v2_w8a8_onnx_runtime_agrees_with_sub8(mobilenet_photos, w_sym
     # codes differ at the second conv's input, 0.3 by the tenth block, 0.88 at the last conv's).
     # So no other arithmetic can agree with sub8's on every near-tie photo, not even sub8's own
     # in float64: the bar is to be as close to sub8 as sub8 in float64 is. Measured on the 70
-    # photos: ONNX Runtime 0.914/0.041 (asymmetric weights), 0.943/0.044 (symmetric);
-    # float64 0.914/0.040 and 0.929/0.039.
+    # photos with the default's channel equalization (its factors folded into the producing
+    # convolutions): ONNX Runtime 1.000/0.026 (asymmetric weights), 0.957/0.026 (symmetric);
+    # float64 0.957/0.023 and 0.986/0.022.
     assert 1 - flipped.mean() >= own_agreement - 0.04
     assert np.abs(out - ref).max() <= 1.5 * own_error * span
-    assert ((top2[:, 1] - top2[:, 0])[flipped] <= 0.015 * span).all()  # measured: at most 0.011
+    assert ((top2[:, 1] - top2[:, 0])[flipped] <= 0.025 * span).all()  # measured: at most 0.017
 
 
 def test_onnx_runtime_matches_sub8_on_concatenation_hardsigmoid_and_stochastic_depth():

@@ -152,7 +152,7 @@ def test_artifact_and_onnx_keep_the_smoothing(tmp_path):
     _, qm = smoothed(steps=("ranges", "smooth_quant", "bias_correction"))
     sub8.save(qm, str(tmp_path), "python:tinymodels:outlier_tokens", (1, 6, 8))
     header, _ = read_header(str(tmp_path / FILENAME))
-    assert header["version"] == 3 and header["layers"]["up"]["smooth"] is True
+    assert header["version"] == 4 and header["layers"]["up"]["smooth"] == 16
     assert st_load(open(tmp_path / FILENAME, "rb").read())["up.input.smooth"].shape == (16,)
     loaded = sub8.load(str(tmp_path))
     x = calib_tokens(8, seed=5)
@@ -172,8 +172,9 @@ def test_auto_smooths_in_models_with_attention_only():
     vit, cnn = TinyViT().eval(), tiny()[0]
     assert pipeline_steps(sub8.QuantConfig(), vit) == ("ranges", "smooth_quant", "bias_correction")
     assert pipeline_steps(sub8.QuantConfig(w_bits=4, a_bits=4), vit) == ("ranges", "smooth_quant", "adaquant")
-    for model in (cnn, OutlierTokens()):  # no attention: no smoothing
-        assert pipeline_steps(sub8.QuantConfig(), model) == ("ranges", "bias_correction")
+    for model, w8a8 in ((cnn, ("ranges", "equalize", "bias_correction")),  # no attention: no smoothing
+                        (OutlierTokens(), ("ranges", "bias_correction"))):
+        assert pipeline_steps(sub8.QuantConfig(), model) == w8a8
         assert pipeline_steps(sub8.QuantConfig(w_bits=4, a_bits=4), model) == ("ranges", "adaquant")
     with pytest.raises(sub8.Sub8Error, match=r"smooth_quant.alpha must be in \[0, 1\]"):
         sub8.QuantConfig(smooth_quant={"alpha": 1.5})

@@ -244,3 +244,51 @@ class OutlierTokens(nn.Module):
 def outlier_tokens():
     torch.manual_seed(0)
     return OutlierTokens().eval()
+
+
+# -- inverted residuals, MobileNetV2's pattern (tests/test_equalize.py) -----------------------------
+def _conv_bn(cin, cout, k=1, groups=1, relu6=True):
+    layers = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, *([nn.ReLU6()] if relu6 else []))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, expand=3):
+        super().__init__()
+        hidden = cin * expand
+        self.conv = nn.Sequential(_conv_bn(cin, hidden), _conv_bn(hidden, hidden, 3, groups=hidden),
+                                  _conv_bn(hidden, cout, relu6=False))
+        self.skip = cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.skip else self.conv(x)
+
+
+class TinyMobile(nn.Module):
+    """stem -> inverted residual with its skip -> one without -> 1x1 head -> pool -> fc; channel
+    ranges spread over two orders of magnitude, as in MobileNetV2's expansions."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = _conv_bn(3, 8, 3)
+        self.block1 = InvertedResidual(8, 8)
+        self.block2 = InvertedResidual(8, 16)
+        self.head = _conv_bn(16, 32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.head(self.block2(self.block1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def tiny_mobile():
+    torch.manual_seed(0)
+    model = randomize_bn(TinyMobile())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # spread the channels' ranges
+                m.weight.mul_(torch.exp(torch.randn(m.num_features, generator=g) * 1.5))
+    transform = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+    return model, transform

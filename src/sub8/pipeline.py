@@ -24,7 +24,7 @@ from .errors import Sub8Error
 from .evaluate import predict
 from .executor import Executor, default_executor
 from .prepare import QuantizedModel, lowest_bits
-from .quant.layers import module_state
+from .quant.layers import module_state, smoothable_kind
 from .registry import METHODS, RunContext, get
 from .report import REPORT_VERSION, TOOL, StepLog, versions
 from .resume import Checkpoints
@@ -46,7 +46,9 @@ assert tuple(PIPELINES) == PIPELINE_NAMES  # (the CLI checks names before import
 # bias correction removes them for about twice RTN's time. Below 8 bits rounding itself must be
 # learned: sequential AdaQuant. A model with attention first moves its Linear inputs' outlier
 # features into the weights (SmoothQuant; MiniLM on tweets, peers_text.json and
-# reconstruct_text.json); on a CNN, whose one Linear is the classifier, that did not help.
+# reconstruct_text.json); on a CNN, whose one Linear is the classifier, that did not help. A
+# model with depthwise or pointwise convolutions equalizes their inputs' channels at 8 bits
+# (MobileNetV2: peers_w8a8_seeds.json).
 AUTO_8_BITS = ("ranges", "bias_correction")
 AUTO_UNDER_8_BITS = ("ranges", "adaquant")
 
@@ -58,15 +60,23 @@ def has_attention(model: nn.Module | None) -> bool:
                                      for m in model.modules())
 
 
+def has_channel_convs(model: nn.Module | None) -> bool:
+    """Whether a model has a depthwise or pointwise convolution (MobileNet, EfficientNet)."""
+    return model is not None and any(smoothable_kind(m) in ("depthwise", "pointwise") for m in model.modules())
+
+
 def auto_steps(config: QuantConfig, model: nn.Module | None = None) -> tuple[str, ...]:
     """--pipeline auto: ranges and bias correction when every layer keeps 8 bits, ranges and
-    AdaQuant (sequential at a uniform precision) when any has fewer; with SmoothQuant after the
-    ranges when `model` has attention."""
+    AdaQuant (sequential at a uniform precision) when any has fewer; after the ranges,
+    SmoothQuant when `model` has attention, and at 8 bits channel equalization when it has
+    depthwise or pointwise convolutions."""
     low = lowest_bits(config)
     if low is None:
         return ("ranges",)
     steps = AUTO_8_BITS if low >= 8 else AUTO_UNDER_8_BITS
-    return ("ranges", "smooth_quant", *steps[1:]) if has_attention(model) else steps
+    before = (("smooth_quant",) if has_attention(model) else ()) + \
+        (("equalize",) if low >= 8 and has_channel_convs(model) else ())
+    return (steps[0], *before, *steps[1:])
 
 
 def auto_requantize(config: QuantConfig, steps: tuple[str, ...]) -> bool:

@@ -36,7 +36,7 @@ class FeatureStats:
 
     @torch.no_grad()
     def __call__(self, layer, x: torch.Tensor) -> None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        rows = feature_rows(x.detach()).float()
         amax = rows.abs().amax(0)
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
         pick = torch.randint(len(rows), (min(len(rows), self.per_batch),), generator=self.generator)
@@ -46,10 +46,18 @@ class FeatureStats:
         return torch.cat(self.rows)
 
 
+def feature_rows(x: torch.Tensor) -> torch.Tensor:
+    """A Linear's input as rows of features; a pointwise convolution's (N, C, H, W) input as
+    N*H*W rows of C channels, its product with the weight being the same matrix product."""
+    if x.dim() == 4:
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
 def smoothing_factor(x_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """1 / s: what the input is multiplied by (the weight's columns by s). Features that are
     always zero, or whose weights are all zero, keep s = 1."""
-    w_amax = weight.detach().abs().amax(0).float()
+    w_amax = weight.detach().reshape(weight.shape[0], -1).abs().amax(0).float()
     s = x_amax.clamp(min=EPS).pow(alpha) / w_amax.clamp(min=EPS).pow(1 - alpha)
     s = torch.where((x_amax > EPS) & (w_amax > EPS), s, torch.ones_like(s)).clamp(1e-4, 1e4)
     return 1.0 / s
@@ -62,6 +70,7 @@ def product_error(layer: QuantLayer, rows: torch.Tensor, factor: torch.Tensor | 
     inputs as observed), with the input times `factor` and the weight's columns over it, each
     quantizer's range set by `method` from these tensors. Sets the layer's quantizers' ranges."""
     w = layer.layer.weight.detach().float()
+    w = w.reshape(w.shape[0], -1)  # a pointwise convolution's (O, I, 1, 1) as a Linear's
     x = rows if factor is None else rows * factor
     w_s = w if factor is None else w / factor
     wq, aq = layer.weight_quantizer, layer.input_quantizer

@@ -31,11 +31,12 @@ from ..zoo import load_model
 from .pack import pack, packed_bytes, unpack
 
 FORMAT = "sub8.artifact"
-# 3: a layer may have its input smoothing (`smooth`: SmoothQuant); 2: the header's config is
+# 4: a convolution may have its input smoothing too (channel equalization), the header giving
+# its length; 3: a layer may have its input smoothing (`smooth`: SmoothQuant); 2: the header's config is
 # QuantConfig.to_dict() with its own version (method settings under "methods"); 1: the config's
 # method settings were top-level. All are read.
-VERSION = 3
-READS = (1, 2, 3)
+VERSION = 4
+READS = (1, 2, 3, 4)
 FILENAME = "model.safetensors"
 METADATA_KEY = "sub8"
 
@@ -89,7 +90,7 @@ def _module_tensors(section: str, name: str, m) -> tuple[dict, dict]:
         tensors.update({f"{name}.bias": m.layer.bias.detach().cpu().float(),
                         **_input_tensors(name, m.input_quantizer)})
         if m.smooth is not None:  # the input's factor per feature, before its quantizer
-            header["smooth"] = True
+            header["smooth"] = m.smooth.numel()
             tensors[f"{name}.input.smooth"] = m.smooth.detach().cpu().float()
     return header, tensors
 
@@ -234,9 +235,10 @@ def _module_state(section: str, name: str, header, template: dict, reader: _Read
         state.update(_input_state(name, header["input"], template, reader))
         state[f"{name}.layer.bias"] = reader.take(f"{name}.bias", template[f"{name}.layer.bias"].shape,
                                                   torch.float32)
-        if header.get("smooth"):
-            state[f"{name}.smooth"] = reader.take(f"{name}.input.smooth", (header["weight_shape"][1],),
-                                                  torch.float32)
+        smooth = header.get("smooth")
+        if smooth:  # version 3 wrote True: a Linear's input features
+            length = header["weight_shape"][1] if smooth is True else int(smooth)
+            state[f"{name}.smooth"] = reader.take(f"{name}.input.smooth", (length,), torch.float32)
     return state
 
 

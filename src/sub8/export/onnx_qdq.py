@@ -42,7 +42,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import Sub8Error
-from ..quant.layers import QuantInput, QuantLayer
+from ..prepare.channel_fold import fold_chains, foldable
+from ..quant.layers import QuantInput, QuantLayer, quant_layers
 from ..quant.quantizer import Quantizer
 from ..report import REPORT, write_bytes_atomic, write_json
 from .artifact import load
@@ -83,6 +84,9 @@ class _Builder:
         self.count = 0
         self.storage: dict[str, dict] = {}
         self.quantized: dict[tuple[str, int], str] = {}  # (tensor, id(quantizer)) -> its DQ output
+        # input factors that move into the producing layer (prepare/channel_fold.py):
+        self.output_factor: dict[str, np.ndarray] = {}  # producer -> its output channels' factor
+        self.folded: set[str] = set()                   # consumers whose factor moved
 
     def fresh(self, hint: str) -> str:
         self.count += 1
@@ -146,10 +150,14 @@ class _Builder:
             y = self.op("Clip", [y, self.const(f"{hint}_lo", lo), self.const(f"{hint}_hi", hi)], f"{hint}_grid")
         return y
 
-    def weight(self, layer: QuantLayer, hint: str, transpose: bool) -> str:
+    def weight(self, layer: QuantLayer, hint: str, transpose: bool, factor: np.ndarray | None = None) -> str:
+        """The layer's weight, its output channel c times factor[c] where given (on a
+        per-channel grid: the same codes, the step times the factor)."""
         w = layer.layer.weight.detach().cpu().float()
         q = layer.weight_quantizer
         if not q.enabled:
+            if factor is not None:
+                w = w * torch.from_numpy(factor).view(-1, *[1] * (w.dim() - 1))
             array = w.numpy().T if transpose else w.numpy()
             return self.const(f"{hint}_weight", array)
         kind, offset = self.grid_type(q, self.weight_types)
@@ -157,7 +165,10 @@ class _Builder:
             codes = q.codes(w).numpy()
         zero = torch.round(q.zero_point.detach()).cpu().numpy()
         c = self.codes(f"{hint}_wcodes", codes.T if transpose else codes, kind, offset)
-        s = self.const(f"{hint}_wscale", q.step.detach().cpu().float().numpy())
+        step = q.step.detach().cpu().float().numpy()
+        if factor is not None:
+            step = (step.reshape(-1) * factor).reshape(step.shape).astype(np.float32)
+        s = self.const(f"{hint}_wscale", step)
         z = self.codes(f"{hint}_wzero", zero, kind, offset)
         return self.op("DequantizeLinear", [c, s, z], f"{hint}_wdq", axis=1 if transpose else 0)
 
@@ -165,13 +176,18 @@ class _Builder:
         hint = name
         self.storage[name] = {"weight": self.describe(layer.weight_quantizer, self.weight_types),
                               "input": self.describe(layer.input_quantizer, INPUT_TYPES)}
-        if layer.smooth is not None:  # SmoothQuant's per-feature factor, before the quantizer
+        if layer.smooth is not None and name not in self.folded:  # the input's factor, before its quantizer
             smooth = layer.smooth.detach().cpu().float().numpy()
+            if not isinstance(layer.layer, nn.Linear):
+                smooth = smooth.reshape(-1, 1, 1)  # NCHW: broadcast over the positions
             x = self.op("Mul", [x, self.const(f"{hint}_smooth", smooth)], f"{hint}_smoothed")
         if layer.input_quantizer.enabled:
             x = self.quantize_input(x, layer.input_quantizer, f"{hint}_in")
         inner = layer.layer
         bias_array = inner.bias.detach().cpu().float().numpy()
+        factor = self.output_factor.get(name)
+        if factor is not None:
+            bias_array = (bias_array * factor).astype(np.float32)
         if isinstance(inner, nn.Linear) and rank == 2:
             # Gemm, then the bias: ONNX Runtime fuses DQ -> Gemm into its integer QGemm with a
             # float output; a MatMul + Add would become a float Gemm that dequantizes its weight
@@ -181,7 +197,7 @@ class _Builder:
         if isinstance(inner, nn.Linear):
             y = self.op("MatMul", [x, self.weight(layer, hint, transpose=True)], f"{hint}_matmul")
             return self.op("Add", [y, self.const(f"{hint}_bias", bias_array)], f"{hint}_out")
-        w = self.weight(layer, hint, transpose=False)
+        w = self.weight(layer, hint, transpose=False, factor=factor)
         attrs = _conv_attributes(name, inner)
         if integer_conv(layer):
             # ONNX Runtime turns this bias into int32 at step_x * step_w so that DQ -> Conv -> Q
@@ -283,6 +299,22 @@ def _function_op(b: _Builder, node: fx.Node, env: dict) -> str:
                     f"ONNX translation in sub8")
 
 
+def _fold_factors(module: fx.GraphModule, b: _Builder) -> set[str]:
+    """Move each convolution's input factor (`smooth`) into the layer that produced its input
+    where that is exact (prepare/channel_fold.py), so that both stay on integer kernels; returns
+    the graph nodes of the clips between them, which become ReLUs."""
+    layers = quant_layers(module)
+    relus = set()
+    for consumer, chain in fold_chains(module).items():
+        layer = layers[consumer]
+        if layer.smooth is None or not foldable(chain, layer, layer.smooth) or chain.producer in b.output_factor:
+            continue
+        b.output_factor[chain.producer] = layer.smooth.detach().cpu().float().numpy()
+        b.folded.add(consumer)
+        relus.update(chain.activations)
+    return relus
+
+
 def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...], weights: str = "int8") -> tuple[object, dict]:
     """The ONNX model (dynamic batch) and, per quantized layer, how its weight and input are
     stored; `weights`: the 8-bit weights' type (the module docstring says when to pick uint8)."""
@@ -290,6 +322,7 @@ def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...], weights: str =
         raise Sub8Error("ONNX export translates traced (torch.fx) models; this model was prepared without "
                         "a graph (report.json's capture says why), which the exporter does not handle yet")
     b = _Builder(weights)
+    relus = _fold_factors(module, b)
     env, inputs, outputs = {}, [], []
     device = next(module.parameters()).device
     with torch.no_grad():
@@ -301,6 +334,8 @@ def to_onnx(module: fx.GraphModule, input_shape: tuple[int, ...], weights: str =
             env[node.name] = node.name
             shape = ["batch"] + list(input_shape[1:])
             inputs.append(b.helper.make_tensor_value_info(node.name, b.TP.FLOAT, shape))
+        elif node.name in relus:  # a clip that the folded factor's consumer grid makes a ReLU
+            env[node.name] = b.op("Relu", [env[node.args[0].name]], node.name)
         elif node.op == "call_module":
             meta = node.args[0].meta.get("tensor_meta")
             rank = len(meta.shape) if hasattr(meta, "shape") else None

@@ -21,10 +21,11 @@ class QuantLayer(nn.Module):
     `input_quantizer` per tensor. An optional `observer(layer, x)` sees each input before it is
     quantized (range calibration, bias correction); in a text model, only its real tokens.
 
-    A Linear may carry `smooth` (SmoothQuant, methods/smooth_quant.py): per input feature, a
-    factor the input is multiplied by before anything else sees it, its inverse folded into the
-    weight's columns, so that the float product is unchanged while the outliers of a few input
-    features move into the weights. "The input" (observers, caches, `compute`) is the smoothed one.
+    A Linear, or a pointwise or depthwise convolution, may carry `smooth` (SmoothQuant,
+    methods/smooth_quant.py; channel equalization, methods/equalize.py): per input feature or
+    channel, a factor the input is multiplied by before anything else sees it, its inverse folded
+    into the weight slices that read it, so that the float output is unchanged while the input's
+    grid fits every feature. "The input" (observers, caches, `compute`) is the smoothed one.
     """
 
     def __init__(self, layer: nn.Module, w_bits: int | None, a_bits: int | None,
@@ -99,17 +100,21 @@ class QuantLayer(nn.Module):
 
     def smoothed(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's input as its quantizer sees it: times `smooth` where the layer has it."""
-        return x if self.smooth is None else x * self.smooth.to(x.dtype)
+        if self.smooth is None:
+            return x
+        factor = self.smooth.to(x.dtype)
+        return x * (factor if isinstance(self.layer, nn.Linear) else factor.view(-1, 1, 1))
 
     def set_smooth(self, factor: torch.Tensor | None) -> None:
-        """Multiply the input by `factor` (per input feature) and the weight's columns by its
-        inverse; None undoes a smoothing. The quantizers' ranges must be calibrated again."""
-        if not isinstance(self.layer, nn.Linear):
-            raise TypeError("only a Linear layer's input is smoothed")
-        old = torch.ones(self.layer.in_features) if self.smooth is None else self.smooth
+        """Multiply the input by `factor` (per input feature or channel) and the weight's
+        matching slices by its inverse; None undoes a smoothing. The quantizers' ranges must be
+        calibrated again. Only where `smoothable_kind` names the layer."""
+        if smoothable_kind(self.layer) is None:
+            raise TypeError("only the input of a Linear or of a pointwise or depthwise convolution is smoothed")
+        old = torch.ones(smooth_features(self.layer)) if self.smooth is None else self.smooth
         new = torch.ones_like(old) if factor is None else factor.detach().to(old)
         with torch.no_grad():
-            self.layer.weight.mul_((old / new).to(self.layer.weight))
+            self.layer.weight.copy_(weight_over(self.layer, self.layer.weight, new / old))
         self.smooth = None if factor is None else new.to(self.layer.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -136,6 +141,39 @@ class QuantLayer(nn.Module):
         def b(v):
             return "float" if v is None else str(v)
         return f"w_bits={b(self.w_bits)}, a_bits={b(self.a_bits)}" + (", smoothed" if self.smooth is not None else "")
+
+
+def smoothable_kind(layer: nn.Module) -> str | None:
+    """'linear'; 'pointwise' (a 1x1 Conv2d with one group: a Linear over the channels);
+    'depthwise' (a Conv2d with one group per input channel, each output channel reading one
+    input channel: with the per-channel weight grid, scaling an input channel is free for the
+    weight); else None: scaling another convolution's input channel would need per-position
+    weight slices."""
+    if isinstance(layer, nn.Linear):
+        return "linear"
+    if isinstance(layer, nn.Conv2d) and layer.groups == layer.in_channels and layer.groups > 1:
+        return "depthwise"
+    if isinstance(layer, nn.Conv2d) and layer.groups == 1 and tuple(layer.kernel_size) == (1, 1):
+        return "pointwise"
+    return None
+
+
+def smooth_features(layer: nn.Module) -> int:
+    """How many factors a smoothed input has: its features, or its channels."""
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def weight_over(layer: nn.Module, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """`weight` with the slice that reads input feature (channel) c divided by factor[c]: the
+    weight that keeps the output when the input is multiplied by `factor`."""
+    factor = factor.to(weight)
+    kind = smoothable_kind(layer)
+    if kind == "linear":
+        return weight / factor
+    if kind == "pointwise":
+        return weight / factor.view(1, -1, 1, 1)
+    # depthwise: output channel o reads input channel o // multiplier
+    return weight / factor.repeat_interleave(weight.shape[0] // factor.numel()).view(-1, 1, 1, 1)
 
 
 def quant_layers(module: nn.Module) -> dict[str, QuantLayer]:

@@ -1,0 +1,139 @@
+"""Channel equalization of convolution inputs: one per-tensor grid that fits every channel.
+
+A MobileNet-style network feeds its convolutions tensors whose channels' ranges differ by
+orders of magnitude (the expansion outputs after ReLU6, the depthwise outputs, the linear
+bottlenecks), so one per-tensor activation step is coarse for the narrow channels. Scaling
+input channel c by f_c and the weight slices that read it by 1 / f_c keeps the float output
+(the factor is the layer's `smooth`, quant/layers.py, which an ONNX export writes as a Mul
+before the input's quantizer):
+
+- a depthwise convolution's output channel reads one input channel and its weight grid is per
+  output channel, so the scaling is free for the weight: f_c = max_k amax_k / amax_c makes every
+  channel span the same range, and the per-tensor grid on the scaled input is a per-channel grid
+  on the plain one (what NNCF places on these inputs);
+- a pointwise (1x1) convolution is a Linear over the channels: its weight's columns take the
+  range, so the factor balances the two as SmoothQuant does, s_c = amax_c^alpha /
+  wmax_c^(1 - alpha) (calibrate/smooth.py), and only where the input has no more bits than the
+  weight.
+
+Only inputs whose factor can move into the convolution that produced them are equalized
+(prepare/channel_fold.py), so that an ONNX export keeps every convolution on integer kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..prepare.channel_fold import fold_chains
+from ..quant.layers import QuantLayer, run_observed, smoothable_kind, weight_over
+from ..quant.ranges import estimate
+from .smooth import shared_input_quantizers, smoothing_factor
+
+EPS = 1e-6
+MAX_FACTOR = 1e4
+SAMPLE_IMAGES = 16  # inputs per layer kept for the output errors in the report
+
+
+class ChannelStats:
+    """Per input channel, the largest |x| seen; and the first few whole inputs."""
+
+    def __init__(self):
+        self.amax = None
+        self.kept: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def __call__(self, layer, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        amax = x.abs().transpose(0, 1).reshape(x.shape[1], -1).amax(1)
+        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+        if sum(len(k) for k in self.kept) < SAMPLE_IMAGES:
+            self.kept.append(x[:SAMPLE_IMAGES].cpu())
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.kept)[:SAMPLE_IMAGES]
+
+
+def depthwise_factor(amax: torch.Tensor) -> torch.Tensor:
+    """f_c = max_k amax_k / amax_c, at most MAX_FACTOR; a channel that is always zero keeps 1."""
+    top = amax.max().clamp(min=EPS)
+    factor = (top / amax.clamp(min=EPS)).clamp(max=MAX_FACTOR)
+    return torch.where(amax > top * EPS, factor, torch.ones_like(factor))
+
+
+def bounded(factor: torch.Tensor, amax: torch.Tensor, upper: float) -> torch.Tensor:
+    """`factor` raised where needed so that an upper clip `upper` of the input (ReLU6), scaled
+    per channel, stays at or above the top of the scaled input's range: the clip then moves
+    into the producing layer exactly (prepare/channel_fold.py)."""
+    return factor.clamp(min=float((amax * factor).max()) / upper) if upper < float("inf") else factor
+
+
+def equalizable(prepared) -> dict[str, tuple[QuantLayer, object]]:
+    """{name: (layer, its FoldChain)}: the depthwise and pointwise convolutions whose input and
+    weight are both quantized, whose input quantizer is their own (a junction sharing it would
+    see the scaled tensor) and whose input is another convolution's output through ReLUs only,
+    so that the factor folds into that convolution in an export that runs on integers; a
+    pointwise one only where its input has no more bits than its weight (where the input's grid
+    is the finer one, moving range into the weight costs more than it saves)."""
+    shared = shared_input_quantizers(prepared.module)
+    chains = fold_chains(prepared.module)
+    found = {}
+    for name, m in prepared.quant_layers().items():
+        kind = smoothable_kind(m.layer)
+        if (kind in ("depthwise", "pointwise") and name in chains and m.input_quantizer.enabled
+                and m.weight_quantizer.enabled and name not in shared and (kind == "depthwise" or m.a_bits <= m.w_bits)):
+            found[name] = (m, chains[name])
+    return found
+
+
+@torch.no_grad()
+def output_error(layer: QuantLayer, x: torch.Tensor, factor: torch.Tensor | None, method: str,
+                 percentile: float) -> float:
+    """Mean squared error of the layer's quantized output on inputs `x` (as observed, before any
+    new factor) against its float output, with the input's channels times `factor` and the
+    weight over it, each grid set by `method` from these tensors. Sets the layer's ranges."""
+    w = layer.layer.weight.detach().float()
+    x = x.to(w.device)
+    xs = x if factor is None else x * factor.to(x).view(1, -1, 1, 1)
+    ws = w if factor is None else weight_over(layer.layer, w, factor)
+    wq, aq = layer.weight_quantizer, layer.input_quantizer
+    wq.set_range(*estimate(ws.reshape(wq.step.shape[0], -1), method, wq.bits, wq.symmetric, percentile,
+                           weights=True))
+    aq.set_range(*estimate(xs.reshape(1, -1), method, aq.bits, aq.symmetric, percentile))
+    bias = layer.layer.bias.detach()
+    out = layer.apply(aq(xs), wq(ws), bias)
+    return (out - layer.apply(x, w, bias)).square().mean().item()
+
+
+@torch.no_grad()
+def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, percentile: float,
+                    batch_size: int) -> list[dict]:
+    """Equalize the input channels of every equalizable layer of `prepared` (and of the same
+    layer of its float reference, whose outputs do not change): depthwise ones fully, pointwise
+    ones with `alpha`. Returns, per layer, its kind, its output error on a few calibration
+    inputs with and without, and how far the widest channel stood above the median one. The
+    layers' ranges are left for the caller to calibrate again."""
+    layers = equalizable(prepared)
+    if not layers:
+        return []
+    stats = {n: ChannelStats() for n in layers}
+    run_observed(prepared.module, stats, calib, batch_size, desc="channel statistics")
+    reference = dict(prepared.reference.named_modules())
+    records = []
+    for name, (layer, chain) in layers.items():
+        amax, x = stats[name].amax, stats[name].sample()
+        kind = smoothable_kind(layer.layer)
+        factor = depthwise_factor(amax) if kind == "depthwise" else smoothing_factor(amax, layer.layer.weight, alpha)
+        if layer.smooth is None:
+            factor = bounded(factor, amax, chain.upper)
+        else:  # scaled before: the new factor comes on top, bounded against the plain input
+            old = layer.smooth.to(factor)
+            factor = bounded(factor * old, amax / old, chain.upper) / old
+        records.append({"name": name, "kind": kind, "folds_into": chain.producer,
+                        "error_plain": output_error(layer, x, None, method, percentile),
+                        "error": output_error(layer, x, factor, method, percentile),
+                        "input_amax_ratio": (amax.max() / amax.clamp(min=EPS).median()).item()})
+        if layer.smooth is not None:
+            factor = factor * layer.smooth.to(factor)
+        layer.set_smooth(factor)
+        reference[name].set_smooth(factor)
+    return records
