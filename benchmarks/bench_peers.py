@@ -56,6 +56,7 @@ def sub8_recipes(w: int, a: int) -> dict[str, dict]:
         return {
             "sub8 default": {},
             "sub8 default, --no-requantize": {"requantize": False},
+            "sub8 default without channel equalization": {"steps": ("ranges", "bias_correction")},
             "sub8 rtn, symmetric, auto ranges": {"pipeline": "rtn"},
             "sub8 rtn, the old default (asymmetric, mse ranges)": {"pipeline": "rtn", "w_symmetric": False,
                                                                     "ranges": "mse"},
