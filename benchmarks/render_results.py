@@ -118,7 +118,7 @@ def peers_seeds_table(r: dict) -> list[str]:
 def peers_headline(r: dict) -> list[str]:
     """The README's short form of peers.json: MobileNetV2, the rows that ran."""
     rows = [x for x in r["rows"] if x["model"] == "zoo:mobilenet_v2" and "metrics" in x
-            and "asymmetric" not in x["tool"] and "--no-requantize" not in x["tool"]]  # (ablations: docs/benchmarks.md)
+            and not any(w in x["tool"] for w in ("asymmetric", "--no-requantize", "without"))]  # (ablations: docs/benchmarks.md)
     if not rows:
         return ["(no results yet)"]
     lines = [f"MobileNetV2, {rows[0]['n_calib']} calibration and {rows[0]['n_eval']} evaluation photos "

@@ -210,9 +210,10 @@ def quant_options(fn):
                           "probabilities, values) at --a-bits in transformers models"),
         click.option("--layer-bits", multiple=True, help="PATTERN=W[,A] per-layer bits by name pattern (repeatable)"),
         click.option("--pipeline", type=click.Choice(list(PIPELINE_NAMES)), default="auto", show_default=True,
-                     help="auto: ranges then bias correction when every layer has 8 bits, ranges then "
-                          "sequential AdaQuant when any has fewer, SmoothQuant after the ranges in models "
-                          "with attention; rtn: ranges only (round to nearest); "
+                     help="auto: ranges then bias correction when every layer has 8 bits, with channel "
+                          "equalization of depthwise and 1x1 convolution inputs (equalize) before it in "
+                          "models that have them; ranges then sequential AdaQuant when any has fewer; "
+                          "SmoothQuant after the ranges in models with attention; rtn: ranges only (round to nearest); "
                           "adaquant: ranges then AdaQuant; light, advanced: the paper's bit-allocation recipes"),
         click.option("--steps", default=None, help="explicit step list, e.g. ranges,bias_correction or ranges,gptq"),
         click.option("--ranges", type=click.Choice(RANGE_METHODS), default="auto", show_default=True,
