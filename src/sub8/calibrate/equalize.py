@@ -27,27 +27,50 @@ import torch
 from ..prepare.channel_fold import fold_chains
 from ..quant.layers import QuantLayer, run_observed, smoothable_kind, weight_over
 from ..quant.ranges import estimate
+from .ranges import SAMPLE_CAP, set_weight_range
 from .smooth import shared_input_quantizers, smoothing_factor
 
 EPS = 1e-6
 MAX_FACTOR = 1e4
-SAMPLE_IMAGES = 16  # inputs per layer kept for the output errors in the report
+SAMPLE_IMAGES = 8  # inputs per layer kept for the output errors in the report
+ERROR_SAMPLE = 2 ** 16  # of their values, those the input grid for the errors is estimated from
 
 
 class ChannelStats:
-    """Per input channel, the largest |x| seen; and the first few whole inputs."""
+    """Per input channel, the smallest and largest value seen; a uniform random sample of the
+    input's values with their channels (what a range calibration after the scaling estimates
+    from, without running the model again); and the first few whole inputs."""
 
-    def __init__(self):
-        self.amax = None
+    def __init__(self, per_batch: int, generator: torch.Generator):
+        self.per_batch, self.generator = per_batch, generator
+        self.amin = self.amax = None
+        self.values: list[torch.Tensor] = []
+        self.channels: list[torch.Tensor] = []
         self.kept: list[torch.Tensor] = []
 
     @torch.no_grad()
     def __call__(self, layer, x: torch.Tensor) -> None:
         x = x.detach().float()
-        amax = x.abs().transpose(0, 1).reshape(x.shape[1], -1).amax(1)
+        dims = [d for d in range(x.dim()) if d != 1]
+        amin, amax = x.amin(dim=dims), x.amax(dim=dims)
+        self.amin = amin if self.amin is None else torch.minimum(self.amin, amin)
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+        idx = torch.randint(x.numel(), (min(x.numel(), self.per_batch),), generator=self.generator).to(x.device)
+        self.values.append(x.reshape(-1)[idx].cpu())
+        self.channels.append(((idx // x[0, 0].numel()) % x.shape[1]).cpu())
         if sum(len(k) for k in self.kept) < SAMPLE_IMAGES:
             self.kept.append(x[:SAMPLE_IMAGES].cpu())
+
+    def magnitude(self) -> torch.Tensor:
+        """Per channel, the largest |x| seen."""
+        return torch.maximum(self.amax.abs(), self.amin.abs())
+
+    def scaled_values(self, factor: torch.Tensor) -> torch.Tensor:
+        """The sample of the input times `factor` per channel, with the scaled input's exact
+        extremes added (as calibrate/ranges.py's observer adds them)."""
+        f = factor.to(self.amax)
+        values = torch.cat(self.values).to(f.device) * f[torch.cat(self.channels).to(f.device)]
+        return torch.cat([values, (self.amin * f).min()[None], (self.amax * f).max()[None]])
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.kept)[:SAMPLE_IMAGES]
@@ -98,7 +121,11 @@ def output_error(layer: QuantLayer, x: torch.Tensor, factor: torch.Tensor | None
     wq, aq = layer.weight_quantizer, layer.input_quantizer
     wq.set_range(*estimate(ws.reshape(wq.step.shape[0], -1), method, wq.bits, wq.symmetric, percentile,
                            weights=True))
-    aq.set_range(*estimate(xs.reshape(1, -1), method, aq.bits, aq.symmetric, percentile))
+    values = xs.reshape(-1)
+    if len(values) > ERROR_SAMPLE:  # a fixed random subset and the extremes: searches stay fast
+        pick = torch.randint(len(values), (ERROR_SAMPLE,), generator=torch.Generator().manual_seed(0))
+        values = torch.cat([values[pick.to(values.device)], values.min()[None], values.max()[None]])
+    aq.set_range(*estimate(values[None], method, aq.bits, aq.symmetric, percentile))
     bias = layer.layer.bias.detach()
     out = layer.apply(aq(xs), wq(ws), bias)
     return (out - layer.apply(x, w, bias)).square().mean().item()
@@ -106,34 +133,37 @@ def output_error(layer: QuantLayer, x: torch.Tensor, factor: torch.Tensor | None
 
 @torch.no_grad()
 def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, percentile: float,
-                    batch_size: int) -> list[dict]:
+                    batch_size: int, seed: int = 0) -> list[dict]:
     """Equalize the input channels of every equalizable layer of `prepared` (and of the same
     layer of its float reference, whose outputs do not change): depthwise ones fully, pointwise
-    ones with `alpha`. Returns, per layer, its kind, its output error on a few calibration
-    inputs with and without, and how far the widest channel stood above the median one. The
-    layers' ranges are left for the caller to calibrate again."""
+    ones with `alpha`, and set their grids from the same pass's statistics. Returns, per layer,
+    its kind, its output error on a few calibration inputs with and without, and how far the
+    widest channel stood above the median one."""
     layers = equalizable(prepared)
     if not layers:
         return []
-    stats = {n: ChannelStats() for n in layers}
+    n_batches = -(-len(calib) // batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    stats = {n: ChannelStats(max(1, SAMPLE_CAP // n_batches), generator) for n in layers}
     run_observed(prepared.module, stats, calib, batch_size, desc="channel statistics")
     reference = dict(prepared.reference.named_modules())
     records = []
     for name, (layer, chain) in layers.items():
-        amax, x = stats[name].amax, stats[name].sample()
+        seen = stats[name]  # of the input as the layer sees it: times any earlier factor `old`
+        amax, x = seen.magnitude(), seen.sample()
         kind = smoothable_kind(layer.layer)
-        factor = depthwise_factor(amax) if kind == "depthwise" else smoothing_factor(amax, layer.layer.weight, alpha)
-        if layer.smooth is None:
-            factor = bounded(factor, amax, chain.upper)
-        else:  # scaled before: the new factor comes on top, bounded against the plain input
-            old = layer.smooth.to(factor)
-            factor = bounded(factor * old, amax / old, chain.upper) / old
+        new = depthwise_factor(amax) if kind == "depthwise" else smoothing_factor(amax, layer.layer.weight, alpha)
+        old = torch.ones_like(new) if layer.smooth is None else layer.smooth.to(new)
+        new = bounded(new * old, amax / old, chain.upper) / old  # the clip bounds the whole factor
         records.append({"name": name, "kind": kind, "folds_into": chain.producer,
                         "error_plain": output_error(layer, x, None, method, percentile),
-                        "error": output_error(layer, x, factor, method, percentile),
+                        "error": output_error(layer, x, new, method, percentile),
                         "input_amax_ratio": (amax.max() / amax.clamp(min=EPS).median()).item()})
-        if layer.smooth is not None:
-            factor = factor * layer.smooth.to(factor)
-        layer.set_smooth(factor)
-        reference[name].set_smooth(factor)
+        layer.set_smooth(new * old)
+        reference[name].set_smooth(new * old)
+        # the grids of the scaled weight and input, as a range calibration would set them
+        set_weight_range(layer, method, percentile)
+        aq = layer.input_quantizer
+        aq.set_range(*estimate(seen.scaled_values(new)[None].to(aq.step.device), method, aq.bits, aq.symmetric,
+                               percentile))
     return records

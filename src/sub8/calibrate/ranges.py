@@ -44,6 +44,15 @@ class ActivationObserver:
 
 
 @torch.no_grad()
+def set_weight_range(layer, method: str, percentile: float) -> None:
+    """A layer's (or embedding table's) weight grid from its weight, per output channel."""
+    wq = layer.weight_quantizer
+    if wq.enabled:
+        rows = layer.layer.weight.detach().reshape(wq.step.shape[0], -1)
+        wq.set_range(*estimate(rows, method, wq.bits, wq.symmetric, percentile, weights=True))
+
+
+@torch.no_grad()
 def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str = "auto",
                      percentile: float = 99.99, batch_size: int = 32, seed: int = 0,
                      layers: bool = True, only: set[str] | None = None) -> dict:
@@ -54,10 +63,7 @@ def calibrate_ranges(prepared: PreparedModel, calib: torch.Tensor, method: str =
     if only is not None:
         weighted = {n: m for n, m in weighted.items() if n in only}
     for layer in weighted.values():
-        wq = layer.weight_quantizer
-        if wq.enabled:
-            rows = layer.layer.weight.detach().reshape(wq.step.shape[0], -1)
-            wq.set_range(*estimate(rows, method, wq.bits, wq.symmetric, percentile, weights=True))
+        set_weight_range(layer, method, percentile)
 
     device = next(prepared.module.parameters()).device
     n_batches = -(-len(calib) // batch_size)

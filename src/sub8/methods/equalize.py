@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 
 from ..calibrate.equalize import equalize_inputs
-from ..calibrate.ranges import calibrate_ranges
 from ..errors import Sub8Error
 from ..registry import register, setting
 
@@ -26,13 +25,10 @@ class EqualizeConfig:
 @register("equalize", settings=EqualizeConfig)
 def equalize(ctx) -> dict:
     """Scale each depthwise and pointwise convolution's input channels toward one range (the
-    weights by the inverse; the float output unchanged), then calibrate those layers' ranges
-    again."""
+    weights by the inverse; the float output unchanged) and set their grids again, from one
+    pass over the calibration data."""
     c, cfg = ctx.config, ctx.config.equalize
     start = time.perf_counter()
-    calib = ctx.calib.to(c.device)
-    records = equalize_inputs(ctx.prepared, calib, cfg.alpha, c.ranges, c.percentile, c.forward_batch)
-    if records:
-        calibrate_ranges(ctx.prepared, calib, c.ranges, c.percentile, c.forward_batch, c.seed,
-                         only={r["name"] for r in records})
+    records = equalize_inputs(ctx.prepared, ctx.calib.to(c.device), cfg.alpha, c.ranges, c.percentile,
+                              c.forward_batch, c.seed)
     return {"alpha": cfg.alpha, "seconds": time.perf_counter() - start, "layers": records}
