@@ -3,10 +3,11 @@
     python benchmarks/bench_onnx.py [--photos data/bench-photos] [--json out.json]
 
 Quantizes MobileNetV2 at W8A8 with sub8's defaults (symmetric weights, requantized residual adds
-and pool input, ranges and bias correction on --samples calibration images), exports it with
+and pool input, ranges, channel equalization folded into the producing convolutions, and bias
+correction on --samples calibration images), exports it with
 sub8's QDQ exporter (int8 weights, the default, and uint8), and the float model with the same
-exporter (no quantizers); beside them the export before requantized junctions (uint8 weights,
-the previous default) and asymmetric weights. Times ONNX Runtime (CPU provider, default threads)
+exporter (no quantizers); beside them the default without channel equalization, the export
+before requantized junctions (uint8 weights, an earlier default) and asymmetric weights. Times ONNX Runtime (CPU provider, default threads)
 at batch 1 and 32: median latency over --repeats runs after warm-up, and throughput. The runs
 interleave (each model in turn, then again) so that machine noise hits all alike. Also
 prints the top-1 agreement of each QDQ model with sub8's own model on the evaluation images.
@@ -40,6 +41,7 @@ from sub8.zoo import load_model  # noqa: E402
 MODELS = {"float": (dict(w_bits="float", a_bits="float", first_last_bits="float"), "int8"),
           "W8A8 default": ({}, "int8"),
           "W8A8 default, uint8 weights": ({}, "uint8"),
+          "W8A8 default without channel equalization": (dict(steps=("ranges", "bias_correction")), "int8"),
           "W8A8 no requantize, uint8 (before)": (dict(requantize=False), "uint8"),
           "W8A8 asymmetric weights": (dict(w_symmetric=False), "int8")}
 
