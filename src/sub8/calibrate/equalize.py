@@ -4,8 +4,7 @@ A MobileNet-style network feeds its convolutions tensors whose channels' ranges 
 orders of magnitude (the expansion outputs after ReLU6, the depthwise outputs, the linear
 bottlenecks), so one per-tensor activation step is coarse for the narrow channels. Scaling
 input channel c by f_c and the weight slices that read it by 1 / f_c keeps the float output
-(the factor is the layer's `smooth`, quant/layers.py, which an ONNX export writes as a Mul
-before the input's quantizer):
+(the factor is the layer's `smooth`, quant/layers.py):
 
 - a depthwise convolution's output channel reads one input channel and its weight grid is per
   output channel, so the scaling is free for the weight: f_c = max_k amax_k / amax_c makes every
@@ -17,7 +16,8 @@ before the input's quantizer):
   weight.
 
 Only inputs whose factor can move into the convolution that produced them are equalized
-(prepare/channel_fold.py), so that an ONNX export keeps every convolution on integer kernels.
+(prepare/channel_fold.py), where the ONNX export puts it, so that every convolution stays on
+ONNX Runtime's integer kernels; an input that also feeds a residual add is left alone.
 """
 
 from __future__ import annotations
