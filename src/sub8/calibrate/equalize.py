@@ -15,7 +15,8 @@ input channel c by f_c and the weight slices that read it by 1 / f_c keeps the f
   wmax_c^(1 - alpha) (calibrate/smooth.py), and only where the input has no more bits than the
   weight.
 
-Only inputs whose factor can move into the convolution that produced them are equalized
+A factor is kept only where it lowers the layer's quantized output error on a few calibration
+inputs. Only inputs whose factor can move into the convolution that produced them are equalized
 (prepare/channel_fold.py), where the ONNX export puts it, so that every convolution stays on
 ONNX Runtime's integer kernels; an input that also feeds a residual add is left alone.
 """
@@ -155,12 +156,17 @@ def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, pe
         new = depthwise_factor(amax) if kind == "depthwise" else smoothing_factor(amax, layer.layer.weight, alpha)
         old = torch.ones_like(new) if layer.smooth is None else layer.smooth.to(new)
         new = bounded(new * old, amax / old, chain.upper) / old  # the clip bounds the whole factor
-        records.append({"name": name, "kind": kind, "folds_into": chain.producer,
-                        "error_plain": output_error(layer, x, None, method, percentile),
-                        "error": output_error(layer, x, new, method, percentile),
+        error_plain = output_error(layer, x, None, method, percentile)
+        error = output_error(layer, x, new, method, percentile)
+        kept = error < error_plain  # (EfficientNet-Lite0's inputs are balanced: scaling them all cost KL)
+        records.append({"name": name, "kind": kind, "folds_into": chain.producer, "error_plain": error_plain,
+                        "error": error, "kept": kept,
                         "input_amax_ratio": (amax.max() / amax.clamp(min=EPS).median()).item()})
-        layer.set_smooth(new * old)
-        reference[name].set_smooth(new * old)
+        if kept:
+            layer.set_smooth(new * old)
+            reference[name].set_smooth(new * old)
+        else:
+            new = torch.ones_like(new)
         # the grids of the scaled weight and input, as a range calibration would set them
         set_weight_range(layer, method, percentile)
         aq = layer.input_quantizer
