@@ -80,7 +80,7 @@ def test_a_run_says_which_stage_it_is_in(image_dirs, tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("sub8: ")]
     assert lines[:2] == ["sub8: loading the model python:tinymodels:tiny",
                          f"sub8: reading up to 256 calibration samples from {calib}"]
-    assert "sub8: step 1/2 ranges" in lines and "sub8: step 2/2 bias_correction" in lines
+    assert "sub8: step 1/3 ranges" in lines and "sub8: step 3/3 bias_correction" in lines
 
 
 @pytest.fixture
