@@ -37,7 +37,7 @@ ADAQUANT_CROPS = 48
 # (row label, what it shows, QuantConfig settings, calibration crops used or None for all).
 DEMO_ROWS = (
     ("W8A8 rtn", "round to nearest", dict(w_bits=8, a_bits=8, pipeline="rtn"), None),
-    ("W8A8 default", "sub8's default: ranges, bias correction, requantized junctions", dict(w_bits=8, a_bits=8),
+    ("W8A8 default", "sub8's default: ranges, channel equalization, bias correction, requantized junctions", dict(w_bits=8, a_bits=8),
      None),
     ("W4A8 rtn", "round to nearest", dict(w_bits=4, a_bits=8, pipeline="rtn"), None),
     ("W4A8 adaquant", f"sequential AdaQuant (blocks, QDrop), CPU budget at 40 iterations, first {ADAQUANT_CROPS} crops",
