@@ -13,6 +13,7 @@ from tinymodels import tiny_mobile
 
 import sub8
 from sub8.export.artifact import FILENAME, read_header
+from sub8.methods.equalize import EqualizeConfig
 from sub8.pipeline import pipeline_steps
 from sub8.prepare.channel_fold import fold_chains, grid_top
 from sub8.quant.layers import float_mode, quant_layers
@@ -61,6 +62,20 @@ def test_the_foldable_layers_are_found_and_the_float_model_is_unchanged():
         want = model(x)
         assert torch.allclose(prepared(x), want, atol=1e-4 * want.abs().max().item())
         assert torch.allclose(prepared.reference(x), want, atol=1e-4 * want.abs().max().item())
+
+
+def test_a_layer_whose_factor_is_not_kept_is_left_as_the_ranges_step_set_it():
+    # alpha 1 moves a pointwise input's whole range into its weight: some layer then loses
+    _, qm = quantized(equalize=EqualizeConfig(alpha=1.0))
+    _, plain = quantized(steps=("ranges",))
+    layers, before = quant_layers(qm.module), quant_layers(plain.module)
+    not_kept = [r["name"] for r in qm.report["equalize"]["layers"] if not r["kept"]]
+    assert not_kept
+    for n in not_kept:
+        assert layers[n].smooth is None and torch.equal(layers[n].layer.weight, before[n].layer.weight)
+        for q in ("weight_quantizer", "input_quantizer"):
+            got, want = getattr(layers[n], q).state_dict(), getattr(before[n], q).state_dict()
+            assert all(torch.equal(got[k], want[k]) for k in want if torch.is_tensor(want[k]))
 
 
 def test_a_depthwise_input_gets_a_per_channel_grid_and_its_weight_codes_stay():

@@ -23,18 +23,19 @@ ONNX Runtime's integer kernels; an input that also feeds a residual add is left 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..prepare.channel_fold import fold_chains
-from ..quant.layers import QuantLayer, run_observed, smoothable_kind, weight_over
+from ..quant.layers import QuantLayer, run_observed, smoothable_kind
 from ..quant.ranges import estimate
 from .ranges import SAMPLE_CAP, set_weight_range
-from .smooth import shared_input_quantizers, smoothing_factor
+from .smooth import output_error, shared_input_quantizers, smoothing_factor
 
 EPS = 1e-6
 MAX_FACTOR = 1e4
 SAMPLE_IMAGES = 8  # inputs per layer kept for the output errors in the report
-ERROR_SAMPLE = 2 ** 16  # of their values, those the input grid for the errors is estimated from
 
 
 class ChannelStats:
@@ -110,34 +111,12 @@ def equalizable(prepared) -> dict[str, tuple[QuantLayer, object]]:
 
 
 @torch.no_grad()
-def output_error(layer: QuantLayer, x: torch.Tensor, factor: torch.Tensor | None, method: str,
-                 percentile: float) -> float:
-    """Mean squared error of the layer's quantized output on inputs `x` (as observed, before any
-    new factor) against its float output, with the input's channels times `factor` and the
-    weight over it, each grid set by `method` from these tensors. Sets the layer's ranges."""
-    w = layer.layer.weight.detach().float()
-    x = x.to(w.device)
-    xs = x if factor is None else x * factor.to(x).view(1, -1, 1, 1)
-    ws = w if factor is None else weight_over(layer.layer, w, factor)
-    wq, aq = layer.weight_quantizer, layer.input_quantizer
-    wq.set_range(*estimate(ws.reshape(wq.step.shape[0], -1), method, wq.bits, wq.symmetric, percentile,
-                           weights=True))
-    values = xs.reshape(-1)
-    if len(values) > ERROR_SAMPLE:  # a fixed random subset and the extremes: searches stay fast
-        pick = torch.randint(len(values), (ERROR_SAMPLE,), generator=torch.Generator().manual_seed(0))
-        values = torch.cat([values[pick.to(values.device)], values.min()[None], values.max()[None]])
-    aq.set_range(*estimate(values[None], method, aq.bits, aq.symmetric, percentile))
-    bias = layer.layer.bias.detach()
-    out = layer.apply(aq(xs), wq(ws), bias)
-    return (out - layer.apply(x, w, bias)).square().mean().item()
-
-
-@torch.no_grad()
 def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, percentile: float,
                     batch_size: int, seed: int = 0) -> list[dict]:
     """Equalize the input channels of every equalizable layer of `prepared` (and of the same
     layer of its float reference, whose outputs do not change): depthwise ones fully, pointwise
-    ones with `alpha`, and set their grids from the same pass's statistics. Returns, per layer,
+    ones with `alpha`, each only where that lowers its output error, and set the grids of those
+    scaled from the same pass's statistics (the others keep theirs). Returns, per layer,
     its kind, its output error on a few calibration inputs with and without, and how far the
     widest channel stood above the median one."""
     layers = equalizable(prepared)
@@ -156,17 +135,19 @@ def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, pe
         new = depthwise_factor(amax) if kind == "depthwise" else smoothing_factor(amax, layer.layer.weight, alpha)
         old = torch.ones_like(new) if layer.smooth is None else layer.smooth.to(new)
         new = bounded(new * old, amax / old, chain.upper) / old  # the clip bounds the whole factor
+        grids = {q: copy.deepcopy(q.state_dict()) for q in (layer.weight_quantizer, layer.input_quantizer)}
         error_plain = output_error(layer, x, None, method, percentile)
         error = output_error(layer, x, new, method, percentile)
         kept = error < error_plain  # (EfficientNet-Lite0's inputs are balanced: scaling them all cost KL)
         records.append({"name": name, "kind": kind, "folds_into": chain.producer, "error_plain": error_plain,
                         "error": error, "kept": kept,
                         "input_amax_ratio": (amax.max() / amax.clamp(min=EPS).median()).item()})
-        if kept:
-            layer.set_smooth(new * old)
-            reference[name].set_smooth(new * old)
-        else:
-            new = torch.ones_like(new)
+        if not kept:  # the layer as the ranges step left it
+            for q, state in grids.items():
+                q.load_state_dict(state)
+            continue
+        layer.set_smooth(new * old)
+        reference[name].set_smooth(new * old)
         # the grids of the scaled weight and input, as a range calibration would set them
         set_weight_range(layer, method, percentile)
         aq = layer.input_quantizer

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from ..quant.layers import QuantLayer, run_observed
+from ..quant.layers import QuantLayer, run_observed, weight_over
 from ..quant.ranges import estimate
 
 SAMPLE_ROWS = 512  # input rows per layer kept for the product errors in the report
@@ -63,22 +63,37 @@ def smoothing_factor(x_amax: torch.Tensor, weight: torch.Tensor, alpha: float) -
     return 1.0 / s
 
 
+ERROR_SAMPLE = 2 ** 16  # input values the input grid for an output error is estimated from
+
+
+def scaled_input(layer: QuantLayer, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """`x` (the layer's input: rows of features, or N, C, H, W) times `factor` per feature."""
+    f = factor.to(x)
+    return x * (f if isinstance(layer.layer, nn.Linear) else f.view(1, -1, 1, 1))
+
+
 @torch.no_grad()
-def product_error(layer: QuantLayer, rows: torch.Tensor, factor: torch.Tensor | None, method: str,
-                  percentile: float) -> float:
-    """Mean squared error of the quantized product against the float one on `rows` (the layer's
-    inputs as observed), with the input times `factor` and the weight's columns over it, each
-    quantizer's range set by `method` from these tensors. Sets the layer's quantizers' ranges."""
+def output_error(layer: QuantLayer, x: torch.Tensor, factor: torch.Tensor | None, method: str,
+                 percentile: float) -> float:
+    """Mean squared error of the layer's quantized output on inputs `x` (as observed, before any
+    new factor) against its float output, with the input times `factor` per feature (channel)
+    and the weight over it, each grid set by `method` from these tensors (the input's from a
+    fixed random subset of its values and their extremes, so that the searches stay fast).
+    Sets the layer's ranges: the caller sets or restores them afterwards."""
     w = layer.layer.weight.detach().float()
-    w = w.reshape(w.shape[0], -1)  # a pointwise convolution's (O, I, 1, 1) as a Linear's
-    x = rows if factor is None else rows * factor
-    w_s = w if factor is None else w / factor
+    x = x.to(w.device)
+    xs = x if factor is None else scaled_input(layer, x, factor)
+    ws = w if factor is None else weight_over(layer.layer, w, factor)
     wq, aq = layer.weight_quantizer, layer.input_quantizer
-    wq.set_range(*estimate(w_s.reshape(wq.step.shape[0], -1), method, wq.bits, wq.symmetric, percentile,
+    wq.set_range(*estimate(ws.reshape(wq.step.shape[0], -1), method, wq.bits, wq.symmetric, percentile,
                            weights=True))
-    aq.set_range(*estimate(x.reshape(1, -1), method, aq.bits, aq.symmetric, percentile))
-    out = aq(x.to(w.device)) @ wq(w_s).T
-    return (out - rows.to(w.device) @ w.T).square().mean().item()
+    values = xs.reshape(-1)
+    if len(values) > ERROR_SAMPLE:
+        pick = torch.randint(len(values), (ERROR_SAMPLE,), generator=torch.Generator().manual_seed(0))
+        values = torch.cat([values[pick.to(values.device)], values.min()[None], values.max()[None]])
+    aq.set_range(*estimate(values[None], method, aq.bits, aq.symmetric, percentile))
+    bias = None if layer.layer.bias is None else layer.layer.bias.detach()
+    return (layer.apply(aq(xs), wq(ws), bias) - layer.apply(x, w, bias)).square().mean().item()
 
 
 def shared_input_quantizers(module: nn.Module) -> set[str]:
@@ -120,8 +135,8 @@ def smooth_layers(prepared, calib: torch.Tensor, alpha: float, method: str, perc
     for name, layer in layers.items():
         amax, rows = stats[name].amax, stats[name].sample()
         factor = smoothing_factor(amax, layer.layer.weight, alpha)
-        records.append({"name": name, "error_plain": product_error(layer, rows, None, method, percentile),
-                         "error": product_error(layer, rows, factor, method, percentile),
+        records.append({"name": name, "error_plain": output_error(layer, rows, None, method, percentile),
+                         "error": output_error(layer, rows, factor, method, percentile),
                          "input_amax_ratio": (amax.max() / amax.clamp(min=EPS).median()).item()})
         if layer.smooth is not None:  # smoothed before: the new factor comes on top
             factor = factor * layer.smooth
