@@ -7,15 +7,17 @@ import json
 import math
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load as st_load, save as st_save
-from tinymodels import tiny_mobile
+from tinymodels import tiny_mobile, tiny_stage
 
 import sub8
 from sub8.export.artifact import FILENAME, read_header
 from sub8.methods.equalize import EqualizeConfig
 from sub8.pipeline import pipeline_steps
 from sub8.prepare.channel_fold import fold_chains, grid_top
+from sub8.prepare.residual_stream import Stream, residual_streams
 from sub8.quant.layers import float_mode, quant_layers
 
 # layer -> the convolution whose output it reads through ReLU6 (upper 6) or directly (inf); the
@@ -30,8 +32,8 @@ def calib(n=64, seed=0):
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def quantized(steps=("ranges", "equalize"), **settings):
-    model, _ = tiny_mobile()
+def quantized(steps=("ranges", "equalize"), make=tiny_mobile, **settings):
+    model, _ = make()
     qm = sub8.quantize(model, calib(), sub8.QuantConfig(cache_dir=None, steps=steps, **settings))
     return model, qm
 
@@ -126,19 +128,20 @@ def test_a_pointwise_input_gets_smoothquants_factor_within_the_clip():
         assert grid_top(layer) <= upper * float(layer.smooth.min()) * (1 + 1e-6)
 
 
-def test_the_onnx_export_folds_the_factors_and_runs_on_integers(tmp_path):
+@pytest.mark.parametrize("make,convs", [(tiny_mobile, 8), (tiny_stage, 11)])
+def test_the_onnx_export_folds_the_factors_and_runs_on_integers(tmp_path, make, convs):
     import onnx
     import onnxruntime as ort
 
     from sub8.export.onnx_qdq import to_onnx
-    _, qm = quantized(steps=("ranges", "equalize", "bias_correction"))
+    _, qm = quantized(steps=("ranges", "equalize", "bias_correction"), make=make)
     onnx_model, _ = to_onnx(qm.module, (1, 3, 32, 32))
     assert not any(n.op_type == "Mul" for n in onnx_model.graph.node)
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     session = ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
-    assert ops["QLinearConv"] == 8 and not ops["Conv"] and not ops["FusedConv"]
+    assert ops["QLinearConv"] == convs and not ops["Conv"] and not ops["FusedConv"]
     x = calib(16, seed=3)
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
@@ -169,6 +172,56 @@ def test_the_artifact_keeps_the_factors_and_reads_version_3(tmp_path):
     open(path, "wb").write(st_save(tensors, metadata={"sub8": json.dumps(header)}))
     loaded = sub8.load(str(tmp_path / "v3"))
     assert torch.equal(quant_layers(loaded.module)["fc"].smooth, torch.linspace(0.5, 2.0, 32))
+
+
+STREAM = Stream(producers=("block0.conv.2.0", "block1.conv.2.0", "block2.conv.2.0"),
+                consumers=("block1.conv.0.0", "block2.conv.0.0", "head.0"),
+                sites=("block1.conv.0.0", "block2.conv.0.0", "head.0", "requant_add_1", "requant_add_1_1"))
+
+
+def test_a_residual_stream_is_scaled_as_one_and_the_float_model_is_unchanged():
+    model, plain = quantized(steps=("ranges",), make=tiny_stage)
+    _, qm = quantized(make=tiny_stage)
+    assert residual_streams(qm.prepared.module) == [STREAM]
+    assert residual_streams(plain.prepared.module) == [STREAM]
+    assert residual_streams(quantized(steps=("ranges",))[1].prepared.module) == []  # a ReLU6 feeds its add
+    (record,) = [r for r in qm.report["equalize"]["layers"] if r["kind"] == "stream"]
+    assert record["kept"] and record["error"] < record["error_plain"]
+    # the factor, recomputed in float64: SmoothQuant's against the readers' BN-folded weights,
+    # over every tensor of the stream (the projections' outputs and the adds' outputs)
+    seen = {}
+    hooks = [dict(model.named_modules())[n].register_forward_hook(
+        lambda m, args, out, n=n: seen.update({n: out.detach().double()}))
+        for n in ("block0.conv", "block1.conv", "block1", "block2.conv", "block2")]
+    with torch.no_grad():
+        model(calib())
+    for h in hooks:
+        h.remove()
+    amax = torch.stack([t.abs().amax(dim=(0, 2, 3)) for t in seen.values()]).amax(0)
+    before, after = quant_layers(plain.module), quant_layers(qm.module)
+    w = torch.cat([before[n].layer.weight.detach().double().flatten(1) for n in STREAM.consumers])
+    factor = w.abs().amax(0).sqrt() / amax.sqrt()
+    factor = factor / factor.max()
+    for n in STREAM.producers:  # each producer's output channel c times f_c: its row and bias
+        smooth = 1 if after[n].smooth is None else after[n].smooth.double()[None]  # (its own input's)
+        ratio = after[n].layer.weight.double().flatten(1) * smooth / before[n].layer.weight.double().flatten(1)
+        assert torch.allclose(ratio, factor[:, None].expand_as(ratio), rtol=1e-4)
+        assert torch.allclose(after[n].layer.bias.double(), before[n].layer.bias.double() * factor, rtol=1e-4)
+    for n in STREAM.consumers:  # each reader's input channel c over f_c
+        ratio = after[n].layer.weight.double().flatten(1) / before[n].layer.weight.double().flatten(1)
+        assert torch.allclose(ratio, 1 / factor[None].expand_as(ratio), rtol=1e-4)
+    # the stream's channels are closer to one range, and the float model is unchanged
+    spread = amax.max() / amax.min()
+    assert (amax * factor).max() / (amax * factor).min() < spread / 4
+    x = calib(16, seed=1)
+    with torch.no_grad(), float_mode(qm.prepared.module), float_mode(qm.prepared.reference):
+        want = model(x)
+        for m in (qm.prepared, qm.prepared.reference):
+            assert torch.allclose(m(x), want, atol=1e-4 * want.abs().max().item())
+    # and the quantized model is closer to float than without the step
+    with torch.no_grad():
+        err = (qm(x) - want).square().mean()
+        assert err < (plain(x) - want).square().mean()
 
 
 def test_auto_equalizes_models_with_channel_convolutions_at_8_bits():

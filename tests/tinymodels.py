@@ -282,13 +282,43 @@ class TinyMobile(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def tiny_mobile():
+def _spread_channels(cls):
+    """A `cls` model whose BatchNorms spread the channels' ranges, and its 32x32 transform."""
     torch.manual_seed(0)
-    model = randomize_bn(TinyMobile())
+    model = randomize_bn(cls())
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):  # spread the channels' ranges
+            if isinstance(m, nn.BatchNorm2d):
                 m.weight.mul_(torch.exp(torch.randn(m.num_features, generator=g) * 1.5))
     transform = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
     return model, transform
+
+
+def tiny_mobile():
+    return _spread_channels(TinyMobile)
+
+
+class TinyStage(nn.Module):
+    """stem -> a stage of three inverted residuals (the first without its skip) -> 1x1 head ->
+    pool -> fc: a linear residual stream (the projections' outputs and the two adds) that the
+    second and third expansions and the head read; its channels' ranges spread as in
+    MobileNetV2's."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = _conv_bn(3, 8, 3)
+        self.block0 = InvertedResidual(8, 12)
+        self.block1 = InvertedResidual(12, 12)
+        self.block2 = InvertedResidual(12, 12)
+        self.head = _conv_bn(12, 32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.head(self.block2(self.block1(self.block0(self.stem(x)))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def tiny_stage():
+    return _spread_channels(TinyStage)
