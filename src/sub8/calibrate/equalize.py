@@ -126,7 +126,7 @@ def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, pe
     ones with `alpha`, each only where that lowers its output error, and set the grids of those
     scaled from the same pass's statistics (the others keep theirs). Returns, per layer,
     its kind, its output error on a few calibration inputs with and without, and how far the
-    widest channel stood above the median one."""
+    widest channel stood above the median one; then the same per residual stream."""
     layers = equalizable(prepared)
     streams = [s for s in residual_streams(prepared.module) if _quantized(prepared, s)]
     if not layers and not streams:

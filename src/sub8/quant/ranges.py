@@ -54,7 +54,9 @@ def auto_method(bits: int, weights: bool = False) -> str:
     extreme values would otherwise coarsen the grid of all the others. (MobileNetV2 W8A8 with
     bias correction, 256 bench photos, KL on 769: this 0.0726; percentile for both 0.0771, top-1
     agreement 0.806 against 0.841; min-max for both 0.2051; MSE for both 0.1387. EfficientNet-Lite0:
-    0.0139, 0.0138, 0.0152, 0.0189. benchmarks/results/w8a8.json.)"""
+    0.0139, 0.0138, 0.0152, 0.0189: w8a8.json at c4e3b2e, before channel equalization. With it,
+    one draw: 0.0517, 0.0483, 0.0593, 0.0462; EfficientNet-Lite0 0.0175, 0.0174, 0.0221, 0.0203.
+    Not yet measured over draws: benchmarks/results/w8a8.json.)"""
     if bits >= 8:
         return "minmax" if weights else "percentile"
     return "mse"
