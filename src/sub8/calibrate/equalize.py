@@ -30,8 +30,6 @@ peers_w8a8_seeds.json, at dbf796b and at 456336b).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..prepare.channel_fold import fold_chains
@@ -128,7 +126,8 @@ def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, pe
     its kind, its output error on a few calibration inputs with and without, and how far the
     widest channel stood above the median one; then the same per residual stream."""
     layers = equalizable(prepared)
-    streams = [s for s in residual_streams(prepared.module) if _quantized(prepared, s)]
+    sites = quant_inputs(prepared.module)  # by name: every layer and junction quantizer
+    streams = [s for s in residual_streams(prepared.module) if _quantized(sites, s)]
     if not layers and not streams:
         return []
     n_batches = -(-len(calib) // batch_size)
@@ -145,7 +144,6 @@ def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, pe
         new = depthwise_factor(amax) if kind == "depthwise" else smoothing_factor(amax, layer.layer.weight, alpha)
         old = torch.ones_like(new) if layer.smooth is None else layer.smooth.to(new)
         new = bounded(new * old, amax / old, chain.upper) / old  # the clip bounds the whole factor
-        grids = {q: copy.deepcopy(q.state_dict()) for q in (layer.weight_quantizer, layer.input_quantizer)}
         error_plain = output_error(layer, x, None, method, percentile)
         error = output_error(layer, x, new, method, percentile)
         kept = error < error_plain  # (EfficientNet-Lite0's inputs are balanced: scaling them all cost KL)
@@ -153,8 +151,6 @@ def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, pe
                         "error": error, "kept": kept,
                         "input_amax_ratio": (amax.max() / amax.clamp(min=EPS).median()).item()})
         if not kept:  # the layer as the ranges step left it
-            for q, state in grids.items():
-                q.load_state_dict(state)
             continue
         layer.set_smooth(new * old)
         reference[name].set_smooth(new * old)
@@ -164,57 +160,51 @@ def equalize_inputs(prepared, calib: torch.Tensor, alpha: float, method: str, pe
         aq.set_range(*estimate(seen.scaled_values(new)[None].to(aq.step.device), method, aq.bits, aq.symmetric,
                                percentile))
     for stream in streams:
-        records.append(_equalize_stream(prepared, stream, stats, alpha, method, percentile))
+        records.append(_equalize_stream(prepared, sites, stream, stats, alpha, method, percentile))
     return records
 
 
-def _quantized(prepared, stream: Stream) -> bool:
+def _quantized(sites: dict, stream: Stream) -> bool:
     """Whether some tensor of the stream is quantized, and every consumer's weight: else there
     is no grid to gain on and no weight grid to pay with."""
-    sites = quant_inputs(prepared.module)
-    layers = prepared.quant_layers()
     return (any(sites[n].input_quantizer.enabled for n in stream.sites)
-            and all(layers[n].weight_quantizer.enabled for n in stream.consumers))
+            and all(sites[n].weight_quantizer.enabled for n in stream.consumers))
 
 
 @torch.no_grad()
-def _equalize_stream(prepared, stream: Stream, stats: dict, alpha: float, method: str, percentile: float) -> dict:
+def _equalize_stream(prepared, sites: dict, stream: Stream, stats: dict, alpha: float, method: str,
+                     percentile: float) -> dict:
     """Scale a residual stream's channels (prepare/residual_stream.py) by SmoothQuant's factor
     against its pointwise readers' weights (fully where all its readers are depthwise), where
-    that lowers the summed output error of its readers, and set the grids that see it."""
-    layers, sites = prepared.quant_layers(), quant_inputs(prepared.module)
+    that lowers the summed output error of its readers, and set the grids that see it.
+    `sites`: quant_inputs of the prepared module, its layers among them."""
     amax = torch.stack([stats[n].magnitude() for n in stream.sites]).amax(0)
-    pointwise = [layers[n].layer.weight.detach().float() for n in stream.consumers
-                 if smoothable_kind(layers[n].layer) == "pointwise"]
+    pointwise = [sites[n].layer.weight.detach().float() for n in stream.consumers
+                 if smoothable_kind(sites[n].layer) == "pointwise"]
     factor = (smoothing_factor(amax, torch.cat([w.reshape(w.shape[0], -1) for w in pointwise]), alpha)
               if pointwise else depthwise_factor(amax))
     factor = factor / factor.max()  # (the scale of the whole stream is free: keep its values' size)
-    touched = [*stream.producers, *stream.consumers]
-    grids = {q: copy.deepcopy(q.state_dict()) for n in stream.consumers
-             for q in (layers[n].weight_quantizer, layers[n].input_quantizer)}  # what output_error sets
-    error_plain = sum(output_error(layers[n], stats[n].sample(), None, method, percentile) for n in stream.consumers)
-    error = sum(output_error(layers[n], stats[n].sample(), factor, method, percentile) for n in stream.consumers)
+    error_plain = sum(output_error(sites[n], stats[n].sample(), None, method, percentile) for n in stream.consumers)
+    error = sum(output_error(sites[n], stats[n].sample(), factor, method, percentile) for n in stream.consumers)
     kept = error < error_plain
     record = {"name": stream.consumers[0], "kind": "stream", "producers": list(stream.producers),
               "consumers": list(stream.consumers), "error_plain": error_plain, "error": error, "kept": kept,
               "input_amax_ratio": (amax.max() / amax.clamp(min=EPS).median()).item()}
     if not kept:
-        for q, state in grids.items():
-            q.load_state_dict(state)
         return record
     reference = dict(prepared.reference.named_modules())
-    for model_layers in (layers, reference):
+    for modules in (sites, reference):
         for n in stream.producers:
-            conv = model_layers[n].layer
+            conv = modules[n].layer
             f = factor.to(conv.weight)
             conv.weight.mul_(f.view(-1, *[1] * (conv.weight.dim() - 1)))
             if conv.bias is not None:
                 conv.bias.mul_(f)
         for n in stream.consumers:
-            conv = model_layers[n].layer
+            conv = modules[n].layer
             conv.weight.copy_(weight_over(conv, conv.weight, factor))
-    for n in touched:
-        set_weight_range(layers[n], method, percentile)
+    for n in (*stream.producers, *stream.consumers):
+        set_weight_range(sites[n], method, percentile)
     for n in stream.sites:
         aq = sites[n].input_quantizer
         aq.set_range(*estimate(stats[n].scaled_values(factor)[None].to(aq.step.device), method, aq.bits,

@@ -16,6 +16,8 @@ smoothing, each grid set by the run's range method.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import fx, nn
 
@@ -79,12 +81,13 @@ def output_error(layer: QuantLayer, x: torch.Tensor, factor: torch.Tensor | None
     new factor) against its float output, with the input times `factor` per feature (channel)
     and the weight over it, each grid set by `method` from these tensors (the input's from a
     fixed random subset of its values and their extremes, so that the searches stay fast).
-    Sets the layer's ranges: the caller sets or restores them afterwards."""
+    The layer's grids are left as they were."""
     w = layer.layer.weight.detach().float()
     x = x.to(w.device)
     xs = x if factor is None else scaled_input(layer, x, factor)
     ws = w if factor is None else weight_over(layer.layer, w, factor)
     wq, aq = layer.weight_quantizer, layer.input_quantizer
+    grids = {q: copy.deepcopy(q.state_dict()) for q in (wq, aq)}
     wq.set_range(*estimate(ws.reshape(wq.step.shape[0], -1), method, wq.bits, wq.symmetric, percentile,
                            weights=True))
     values = xs.reshape(-1)
@@ -93,7 +96,10 @@ def output_error(layer: QuantLayer, x: torch.Tensor, factor: torch.Tensor | None
         values = torch.cat([values[pick.to(values.device)], values.min()[None], values.max()[None]])
     aq.set_range(*estimate(values[None], method, aq.bits, aq.symmetric, percentile))
     bias = None if layer.layer.bias is None else layer.layer.bias.detach()
-    return (layer.apply(aq(xs), wq(ws), bias) - layer.apply(x, w, bias)).square().mean().item()
+    error = (layer.apply(aq(xs), wq(ws), bias) - layer.apply(x, w, bias)).square().mean().item()
+    for q, state in grids.items():
+        q.load_state_dict(state)
+    return error
 
 
 def shared_input_quantizers(module: nn.Module) -> set[str]:
