@@ -6,7 +6,9 @@ process's peak RSS of each on torchvision ResNet-50 with random weights.
         [--configs layer,block,block+learned,block+qdrop,block+learned+qdrop] [--iters 100[,400]]
     python benchmarks/bench_reconstruct.py --memory [--samples 512] [--max-memory 4] [--update]
 
-A config is `layer` or `block`, with `+learned` (AdaRound's rounding) and `+qdrop` (p = 0.5);
+A config is `layer` or `block`, with `+learned` (AdaRound's rounding), `+qdrop` (p = 0.5), `+mse`
+(plain MSE instead of the Fisher-weighted loss), `+equalize` or `+gptq` (that step between the
+ranges and the reconstruction, as its starting point);
 `mixed+CONFIG` allocates W8A8/W4A8/W4A4/W2A4 per layer by integer programming at the BOPs of the
 uniform width (parallel AdaQuant candidates, sensitivities on --sensitivity-samples photos), then
 fits the mix with CONFIG.
@@ -37,13 +39,25 @@ from sub8.demo import CPU_ADAQUANT  # noqa: E402
 METRICS = ("top1_agreement_confident", "top1_agreement", "kl")
 
 
+# A step that runs between the ranges and the reconstruction: its weights or inputs are the
+# reconstruction's starting point.
+BEFORE = ("equalize", "gptq")
+
+
 def settings(config: str, iters: int) -> dict:
     unit, *extras = config.removeprefix("mixed+").split("+")
-    unknown = set(extras) - {"learned", "qdrop"}
+    unknown = set(extras) - {"learned", "qdrop", "mse", *BEFORE}
     if unit not in ("layer", "block") or unknown:
-        raise SystemExit(f"unknown config {config!r}: layer|block, then +learned and/or +qdrop")
-    return {**CPU_ADAQUANT, "iters": iters, "reconstruct": unit,
+        raise SystemExit(f"unknown config {config!r}: layer|block, then any of +learned, +qdrop, +mse, "
+                         f"{', '.join('+' + b for b in BEFORE)}")
+    return {**CPU_ADAQUANT, "iters": iters, "reconstruct": unit, "loss": "mse" if "mse" in extras else "fisher",
             "rounding": "learned" if "learned" in extras else "free", "qdrop": 0.5 if "qdrop" in extras else 0.0}
+
+
+def steps(config: str) -> tuple[str, ...] | None:
+    """The step list of a config with a step before the reconstruction, else None (the pipeline's)."""
+    before = [b for b in BEFORE if b in config.split("+")]
+    return ("ranges", *before, "adaquant") if before else None
 
 
 def quality(args) -> int:
@@ -67,8 +81,10 @@ def quality(args) -> int:
                                                        [int(s) for s in args.seeds.split(",")]):
         w, a = (int(v) for v in bits.upper().lstrip("W").split("A"))
         qc = QuantConfig(w_bits=w, a_bits=a, pipeline="adaquant", cache_dir=None, seed=seed,
-                         device=args.device, adaquant=settings(config, iters))
+                         device=args.device, adaquant=settings(config, iters), steps=steps(config))
         if config.startswith("mixed+"):
+            if steps(config):
+                raise SystemExit(f"{config}: mixed+ runs its own steps")
             qc = mixed(qc, model, calib, args.sensitivity_samples)
         start = time.perf_counter()
         result = quantize(model, calib, qc)

@@ -172,7 +172,10 @@ def reconstruct_table(r: dict, mixed: bool = False) -> list[str]:
             "per layer by integer programming at the uniform width's BOPs, then the mix fitted with CONFIG."
             if mixed else
             "per unit at the CPU setting (sequential, mini-batch 16); first and last layers at 8 bits. `layer`: "
-            "AdaQuant; `block`: each block fitted whole; `+learned`: learned rounding; `+qdrop`: p = 0.5.")
+            "AdaQuant; `block`: each block fitted whole; `+learned`: learned rounding; `+qdrop`: p = 0.5"
+            + ("; `+mse`: plain MSE instead of the Fisher-weighted loss; `+equalize`, `+gptq`: that step between the "
+               "ranges and the reconstruction, its starting point."
+               if any(e in x["config"].split("+") for x in r["rows"] for e in ("mse", "equalize", "gptq")) else "."))
     per_row = len({x.get("iters") for x in r["rows"]}) > 1  # (a run over several iteration counts)
     lines = [f"{r['model']}, {r['n_calib']} calibration and {r['n_eval']} evaluation photos, {r['iters']} iterations "
              + what, "",
@@ -323,6 +326,8 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "reconstruct_iters_seeds": ("Block reconstruction with QDrop: iterations per block, more seeds",
                                          reconstruct_table),
              "reconstruct_seeds": ("AdaQuant against block reconstruction with QDrop at W4A4: more seeds",
+                                   reconstruct_table),
+             "reconstruct_start": ("Block reconstruction's starting point and loss: equalization, GPTQ, plain MSE",
                                    reconstruct_table),
              "reconstruct_mixed": ("Mixed precision against uniform W4A4, both with block reconstruction",
                                    lambda r: reconstruct_table(r, mixed=True)),
