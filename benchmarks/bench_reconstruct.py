@@ -50,7 +50,7 @@ def settings(config: str, iters: int) -> dict:
     if unit not in ("layer", "block") or unknown:
         raise SystemExit(f"unknown config {config!r}: layer|block, then any of +learned, +qdrop, +mse, "
                          f"{', '.join('+' + b for b in BEFORE)}")
-    return {**CPU_ADAQUANT, "iters": iters, "reconstruct": unit, "loss": "mse" if "mse" in extras else "fisher",
+    return {**CPU_ADAQUANT, "iters": iters, "reconstruct": unit, **({"loss": "mse"} if "mse" in extras else {}),
             "rounding": "learned" if "learned" in extras else "free", "qdrop": 0.5 if "qdrop" in extras else 0.0}
 
 
@@ -80,11 +80,12 @@ def quality(args) -> int:
                                                        [int(i) for i in args.iters.split(",")],
                                                        [int(s) for s in args.seeds.split(",")]):
         w, a = (int(v) for v in bits.upper().lstrip("W").split("A"))
+        own_steps = steps(config)
+        if own_steps and config.startswith("mixed+"):
+            raise SystemExit(f"{config}: mixed+ runs its own steps")
         qc = QuantConfig(w_bits=w, a_bits=a, pipeline="adaquant", cache_dir=None, seed=seed,
-                         device=args.device, adaquant=settings(config, iters), steps=steps(config))
+                         device=args.device, adaquant=settings(config, iters), steps=own_steps)
         if config.startswith("mixed+"):
-            if steps(config):
-                raise SystemExit(f"{config}: mixed+ runs its own steps")
             qc = mixed(qc, model, calib, args.sensitivity_samples)
         start = time.perf_counter()
         result = quantize(model, calib, qc)
