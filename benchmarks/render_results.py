@@ -323,6 +323,8 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "reconstruct_iters": ("Block reconstruction with QDrop: iterations per block", reconstruct_table),
              "reconstruct_w2a4_iters": ("Block reconstruction with QDrop at W2A4: iterations per block",
                                         reconstruct_table),
+             "reconstruct_w2a4_1000": ("Block reconstruction with QDrop at W2A4: 1000 iterations per block",
+                                       reconstruct_table),
              "reconstruct_iters_seeds": ("Block reconstruction with QDrop: iterations per block, more seeds",
                                          reconstruct_table),
              "reconstruct_seeds": ("AdaQuant against block reconstruction with QDrop at W4A4: more seeds",
