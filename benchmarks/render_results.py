@@ -312,8 +312,8 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
              "eval_speed": ("Evaluating the fake-quantized model against the float forward", eval_speed_table),
              "peers": ("sub8 against torchao, NNCF and Brevitas", peers_table),
              "peers_efficientnet": ("sub8 against torchao and NNCF: EfficientNet-Lite0", peers_table),
-             "peers_w8a8_seeds": ("sub8's W8A8 default against torchao and NNCF over three calibration draws",
-                                  peers_seeds_table),
+             "peers_w8a8_seeds": ("sub8's W8A8 default against torchao and NNCF over calibration draws "
+                                  "(six for sub8 and NNCF, three for torchao)", peers_seeds_table),
              "w8a8": ("The W8A8 default's parts, one at a time, next to NNCF", w8a8_table),
              "onnx": ("ONNX Runtime: the exported W8A8 model against float", onnx_table),
              "reconstruct": ("Layer-wise AdaQuant against block reconstruction, learned rounding and QDrop",
@@ -346,8 +346,10 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
 
 def provenance(r: dict) -> str:
     m = r.get("machine", {})
+    kept = any(x.get("commit", r.get("commit")) != r.get("commit") for x in r.get("rows", []) if isinstance(x, dict))
     return (f"`{r.get('command')}` at commit {r.get('commit')}, torch {r.get('versions', {}).get('torch')}, "
-            f"{m.get('cpus')} CPUs, {m.get('memory_gb')} GB")
+            f"{m.get('cpus')} CPUs, {m.get('memory_gb')} GB"
+            + ("; the rows of earlier runs that `--update` kept name their own commit" if kept else ""))
 
 
 def main() -> int:
