@@ -202,6 +202,20 @@ def test_labels_from_folders(tmp_path, image_dirs):
     assert report["metrics"]["float"]["n_images"] == 6
 
 
+def test_eval_steps_last_measures_once_and_ends_the_same(image_dirs, tmp_path):
+    calib, evals = image_dirs
+    reports = {}
+    for when in ("all", "last"):
+        out = str(tmp_path / when)
+        result = quantize(calib, out, "--eval", evals, "--eval-steps", when, "--fresh",
+                          "--steps", "ranges,equalize,bias_correction")
+        assert result.exit_code == 0, result.output
+        reports[when] = json.load(open(os.path.join(out, "report.json")))
+    measured = {when: [s["name"] for s in r["steps"] if "metrics" in s] for when, r in reports.items()}
+    assert measured == {"all": ["ranges", "equalize", "bias_correction"], "last": ["bias_correction"]}
+    assert reports["last"]["metrics"] == reports["all"]["metrics"]
+
+
 def test_light_pipeline_allocates_and_the_mixed_model_reloads(image_dirs, tmp_path):
     import sub8
     from sub8.data import load_images

@@ -336,13 +336,16 @@ def inspect_summary(record: dict) -> list[str]:
 @click.option("--probe-train", default=None,
               help="sentence encoders: a labelled text file (--label-column) to fit a logistic-regression "
                    "head on float embeddings; --eval's accuracy is then measured through that frozen head")
+@click.option("--eval-steps", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="with --eval, measure after every step (report.json shows what each adds) or after the last "
+                   "only (one evaluation pass instead of one per step)")
 @click.option("--out", "out_dir", required=True, help="output folder")
 @click.option("--force", is_flag=True, help="write into a folder that is not a sub8 run: sub8 replaces only its "
               "own files (report.json, report.html, model.safetensors, pareto.*) and keeps the others")
 @inspect_options
 @clean_errors
-def quantize(eval_dir, labels, text_column, label_column, max_length, probe_train, out_dir, force, inspect,
-             inspect_samples, inspect_top, inspect_confirm, **opts):
+def quantize(eval_dir, labels, text_column, label_column, max_length, probe_train, eval_steps, out_dir, force,
+             inspect, inspect_samples, inspect_top, inspect_confirm, **opts):
     """Quantize a model and write OUT/report.json, OUT/report.html and OUT/model.safetensors."""
     from .adapters import adapter_for
     from .export import save
@@ -376,7 +379,7 @@ def quantize(eval_dir, labels, text_column, label_column, max_length, probe_trai
     qmodel = run_quantize(loaded.module, calib, config, eval_images=None if eval_set is None else eval_set.tensor,
                           eval_labels=None if eval_set is None else eval_set.labels, fresh=opts["fresh"],
                           probe=probe, inspect=inspect_settings(inspect, inspect_samples, inspect_top, inspect_confirm),
-                          executor=executor)
+                          executor=executor, step_metrics=eval_steps == "all")
     report = qmodel.report
     if probe_record is not None:
         report["probe"] = probe_record

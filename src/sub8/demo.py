@@ -84,7 +84,7 @@ def run_demo(model_spec: str, ranges: str, photos: str | None, out_path: str | N
         config = QuantConfig(ranges=ranges, seed=seed, cache_dir=None, **settings)
         with progress.without_stage_lines():  # (the table's rows say what runs)
             q = quantize(loaded.module, calib.images[:crops], config, eval_images=evals.images,
-                         float_logits=float_logits)
+                         float_logits=float_logits, step_metrics=False)  # (the table shows the last)
         m = q.report["metrics"]["quantized"]
         seconds = time.perf_counter() - start
         echo("  " + metrics_line(label, m, q.report["size"]["ratio"]) + f"  {seconds:7.1f}")

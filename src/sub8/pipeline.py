@@ -143,10 +143,12 @@ def fidelity(prepared, adapter, model, config, eval_images, float_logits, eval_l
 def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
              eval_images: torch.Tensor | None = None, eval_labels: torch.Tensor | None = None,
              float_logits: torch.Tensor | None = None, fresh: bool = False, probe=None,
-             executor: Executor | None = None, inspect: InspectSettings | None = None) -> QuantizedModel:
+             executor: Executor | None = None, inspect: InspectSettings | None = None,
+             step_metrics: bool = True) -> QuantizedModel:
     """Quantize `model` with `config.pipeline` on `calib`; evaluate against the float model on
     `eval_images` when given (`float_logits`, if the caller has them already, saves a pass;
-    `probe`, a fitted text.probe.Probe, gives a sentence encoder's accuracy with `eval_labels`).
+    `probe`, a fitted text.probe.Probe, gives a sentence encoder's accuracy with `eval_labels`):
+    after every step (what each adds), or with `step_metrics=False` after the last one only.
 
     An interrupted run with the same model, data and config resumes after its last finished
     step (or AdaQuant group) from `config.cache_dir`; `fresh=True` starts over. `executor` runs
@@ -180,7 +182,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
                                        config.forward_batch, config.device, desc="evaluate the float model")
         evaluate = partial(fidelity, prepared, adapter, model, config, eval_images, float_logits, eval_labels, probe)
     records, metrics = {}, None
-    eval_key = None if eval_images is None else tensor_digest([eval_images])
+    # (a step's checkpoint holds its metrics, or none: resuming must not mix the two)
+    eval_key = None if eval_images is None else tensor_digest([eval_images]) + ("" if step_metrics else "-last")
     for k, name in enumerate(steps):
         run.done = steps[:k]
         saved = checkpoints.load("step", steps[:k + 1], eval_key)
@@ -199,7 +202,8 @@ def quantize(model: nn.Module, calib, config: QuantConfig | None = None,
             record = get(name).run(run)
         if record is not None:
             records[name] = record
-        if evaluate is not None:  # what each step adds: the paper's ablation in one run
+        # what each step adds: the paper's ablation in one run
+        if evaluate is not None and (step_metrics or k == len(steps) - 1):
             start = time.perf_counter()
             metrics = entry["metrics"] = evaluate()
             entry["eval_seconds"] = time.perf_counter() - start
