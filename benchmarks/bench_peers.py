@@ -63,10 +63,11 @@ def sub8_recipes(w: int, a: int) -> dict[str, dict]:
             "sub8 bias correction, asymmetric, mse ranges": {"steps": ("ranges", "bias_correction"),
                                                              "w_symmetric": False, "ranges": "mse"},
         }
-    # (the default below 8 bits is this AdaQuant; on a CPU its CPU budget: blocks with QDrop)
+    # (the default below 8 bits is this AdaQuant; on a CPU its CPU budget: blocks, with QDrop
+    # where activations have fewer than 8 bits; rows of earlier commits used it at A8 too)
     return {"sub8 rtn": {"pipeline": "rtn"},
             "sub8 gptq": {"steps": ("ranges", "gptq")},
-            "sub8 adaquant (CPU budget: blocks, QDrop)": {"pipeline": "adaquant", "adaquant": CPU_ADAQUANT}}
+            "sub8 adaquant (CPU budget: blocks, QDrop below A8)": {"pipeline": "adaquant", "adaquant": CPU_ADAQUANT}}
 
 
 def run_sub8(model, calib, w, a, settings, seed):

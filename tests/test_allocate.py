@@ -178,14 +178,18 @@ def test_advanced_reports_each_candidates_adaquant(tmp_path, calib):
 
 def test_adaquant_auto_mode_is_sequential_at_the_runs_own_bits(calib):
     model = peaky_tiny()
-    config = QuantConfig(pipeline="adaquant", adaquant={"iters": 2, "batch_size": 8}, cache_dir=None)
+    config = QuantConfig(w_bits=4, a_bits=4, pipeline="adaquant", adaquant={"iters": 2, "batch_size": 8},
+                         cache_dir=None)
     assert config.adaquant.mode == "auto" and config.adaquant.reconstruct == "auto"
     record = quantize(model, calib, config).report["adaquant"]
-    # sequential, in blocks with QDrop (a traced model), the CPU budget's rates, the given numbers
+    # sequential, in blocks with QDrop (a traced model, 4-bit inputs), the CPU budget's rates, the given numbers
     settings = record["settings"]
     assert settings["mode"] == "sequential" and settings["reconstruct"] == "block" and settings["qdrop"] == 0.5
     assert settings["budget"] == "cpu" and settings["lr_weight"] == 1e-2 and settings["iters"] == 2
     assert "units" in record and settings["batch_size"] == 8
+    # every activation at 8 bits: blocks without QDrop
+    at8 = quantize(model, calib, replace(config, w_bits=4, a_bits=8)).report["adaquant"]["settings"]
+    assert (at8["reconstruct"], at8["qdrop"]) == ("block", 0.0)
     layerwise = QuantConfig(pipeline="adaquant", adaquant={"iters": 2, "reconstruct": "layer"}, cache_dir=None)
     record = quantize(model, calib, layerwise).report["adaquant"]
     assert record["settings"]["qdrop"] == 0.0 and record["groups"] == len(record["layers"])

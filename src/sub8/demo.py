@@ -19,7 +19,7 @@ from .table import metrics_line, table_header
 from .zoo import load_model
 
 # Sequential AdaQuant at its CPU budget (the paper's 1000 iterations per layer take a GPU); the
-# units are blocks with QDrop, the default.
+# units are blocks, the default (with QDrop below 8-bit activations).
 CPU_ADAQUANT = {"mode": "sequential", "budget": "cpu"}
 # The demo's row runs 40 iterations per block instead of the budget's 100: at 100 its AdaQuant
 # took 208 s of the 4 minutes, the whole demo 333 s (a block's iteration costs more than a
@@ -40,7 +40,7 @@ DEMO_ROWS = (
     ("W8A8 default", "sub8's default: ranges, channel equalization, bias correction, requantized junctions", dict(w_bits=8, a_bits=8),
      None),
     ("W4A8 rtn", "round to nearest", dict(w_bits=4, a_bits=8, pipeline="rtn"), None),
-    ("W4A8 adaquant", f"sequential AdaQuant (blocks, QDrop), CPU budget at 40 iterations, first {ADAQUANT_CROPS} crops",
+    ("W4A8 adaquant", f"sequential AdaQuant (blocks), CPU budget at 40 iterations, first {ADAQUANT_CROPS} crops",
      dict(w_bits=4, a_bits=8, pipeline="adaquant", adaquant=DEMO_ADAQUANT), ADAQUANT_CROPS),
     ("W4A4 rtn", "round to nearest", dict(w_bits=4, a_bits=4, pipeline="rtn"), None),
     ("mixed 0.20", f"light pipeline: W8A8 or W4A4 per layer by integer programming, size <= 0.20 "

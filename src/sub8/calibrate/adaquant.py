@@ -31,7 +31,7 @@ from ..errors import Sub8Error
 from ..executor import InProcessExecutor
 from ..prepare import PreparedModel
 from ..heap import cat_freeing, reuse_freed_memory
-from ..quant.layers import QuantLayer, StopForward, module_state, quant_layers, run_observed
+from ..quant.layers import QuantLayer, StopForward, module_state, quant_inputs, quant_layers, run_observed
 from ..registry import setting
 from .adam import MultiTensorAdam
 from .fisher import fisher_weights
@@ -55,7 +55,12 @@ BUDGETS = {"cpu": {"iters": 100, "batch_size": 16, "lr_weight": 1e-2, "lr_input_
 # both, KL 0.232 against 0.253 (benchmarks/results/reconstruct_iters.json). Layer-wise runs, bit
 # allocation's candidates among them, keep the budget's per-layer count.
 BLOCK_ITERS = {"cpu": 400, "full": 1000}
-# QDrop's probability where blocks are fitted and --qdrop is not given (the paper's).
+# QDrop's probability where blocks are fitted, some activation has fewer than 8 bits and --qdrop
+# is not given (the paper's). With every activation at 8 bits there is little rounding for the
+# dropping to make the weights robust to, and mixing in float inputs costs a second cache: on
+# MobileNetV2 W4A8 (100 iterations per block, seeds 0-2) blocks kept 0.961 of the confident
+# top-1s on every seed without it, in about half the time of blocks with it
+# (benchmarks/results/reconstruct_w4a8_qdrop.json).
 BLOCK_QDROP = 0.5
 
 
@@ -116,7 +121,7 @@ class AdaQuantConfig:
     qdrop: float | None = setting(None, flag="--qdrop", type=float,
                                   help="probability that an activation quantizer passes its float input, per "
                                        f"element, while a unit is fitted (QDrop; default: {BLOCK_QDROP} when "
-                                       "blocks are fitted, else 0)")
+                                       "blocks are fitted and some activation has fewer than 8 bits, else 0)")
     lr_rounding: float = setting(1e-2, flag="--lr-rounding", help="rate of the learned-rounding variables")
     rounding_reg: float = setting(0.01, flag="--rounding-reg",
                                   help="weight of the regularizer that drives learned rounding to 0 or 1")
@@ -149,10 +154,11 @@ class AdaQuantConfig:
         if self.max_memory_gb <= 0:
             raise Sub8Error(f"adaquant.max_memory_gb (--max-memory) must be positive, got {self.max_memory_gb}")
 
-    def resolve(self, device) -> "AdaQuantConfig":
+    def resolve(self, device, coarsest_input_bits: int | None = None) -> "AdaQuantConfig":
         """The settings a run on `device` uses: the budget's numbers where none were given, the
         mode (auto: sequential), the units (auto: blocks where sequential) and QDrop's
-        probability (blocks: BLOCK_QDROP). What report.json records."""
+        probability (BLOCK_QDROP where blocks are fitted and `coarsest_input_bits`, the fewest
+        bits of any quantized activation, is under 8). What report.json records."""
         budget = self.budget if self.budget != "auto" else ("full" if torch.device(device).type == "cuda" else "cpu")
         given = {k: v for k, v in BUDGETS[budget].items() if getattr(self, k) is None}
         mode = "sequential" if self.mode == "auto" else self.mode
@@ -164,7 +170,8 @@ class AdaQuantConfig:
             given["iters"] = BLOCK_ITERS[budget]
         qdrop = self.qdrop
         if qdrop is None or mode == "parallel":  # (parallel inputs are float already: nothing to mix)
-            qdrop = BLOCK_QDROP if blocks else 0.0
+            coarse = coarsest_input_bits is not None and coarsest_input_bits < 8
+            qdrop = BLOCK_QDROP if blocks and coarse else 0.0
         return replace(self, budget=budget, mode=mode, reconstruct=units, qdrop=qdrop, **given)
 
     @property
@@ -430,7 +437,8 @@ def adaquant(prepared: PreparedModel, calib: torch.Tensor, cfg: AdaQuantConfig |
     saved by an interrupted run is loaded instead of optimized again. `output_loss` (kl or mse)
     is the model output's loss that Fisher weights (`cfg.loss == "fisher"`) stand for. In
     parallel mode the groups are independent work items for `executor` (default: in-process)."""
-    cfg = (cfg or AdaQuantConfig()).resolve(calib.device)
+    bits = [s.input_quantizer.bits for s in quant_inputs(prepared.module).values() if s.input_quantizer.enabled]
+    cfg = (cfg or AdaQuantConfig()).resolve(calib.device, min(bits, default=None))
     torch.set_flush_denormal(True)  # Adam's second moments decay into denormals: 20x slower on CPU
     try:
         if cfg.beyond_layers:
