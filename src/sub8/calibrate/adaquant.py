@@ -59,8 +59,8 @@ BLOCK_ITERS = {"cpu": 400, "full": 1000}
 # is not given (the paper's). With every activation at 8 bits there is little rounding for the
 # dropping to make the weights robust to, and mixing in float inputs costs a second cache: on
 # MobileNetV2 W4A8 (100 iterations per block, seeds 0-2) blocks kept 0.961 of the confident
-# top-1s on every seed without it, in about half the time of blocks with it
-# (benchmarks/results/reconstruct_w4a8_qdrop.json).
+# top-1s on every seed without it, 0.943-0.950 with it, in half to two thirds of the time
+# (benchmarks/results/reconstruct_w4a8_qdrop*.json).
 BLOCK_QDROP = 0.5
 
 
