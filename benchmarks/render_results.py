@@ -351,7 +351,7 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
 
 def provenance(r: dict) -> str:
     m = r.get("machine", {})
-    kept = any(x.get("commit", r.get("commit")) != r.get("commit") for x in r.get("rows", []) if isinstance(x, dict))
+    kept = any(x.get("commit", r.get("commit")) != r.get("commit") for x in r.get("rows", []))
     return (f"`{r.get('command')}` at commit {r.get('commit')}, torch {r.get('versions', {}).get('torch')}, "
             f"{m.get('cpus')} CPUs, {m.get('memory_gb')} GB"
             + ("; the rows of earlier runs that `--update` kept name their own commit" if kept else ""))

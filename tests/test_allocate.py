@@ -188,7 +188,7 @@ def test_adaquant_auto_mode_is_sequential_at_the_runs_own_bits(calib):
     assert settings["budget"] == "cpu" and settings["lr_weight"] == 1e-2 and settings["iters"] == 2
     assert "units" in record and settings["batch_size"] == 8
     # every activation at 8 bits: blocks without QDrop
-    at8 = quantize(model, calib, replace(config, w_bits=4, a_bits=8)).report["adaquant"]["settings"]
+    at8 = quantize(model, calib, replace(config, a_bits=8)).report["adaquant"]["settings"]
     assert (at8["reconstruct"], at8["qdrop"]) == ("block", 0.0)
     layerwise = QuantConfig(pipeline="adaquant", adaquant={"iters": 2, "reconstruct": "layer"}, cache_dir=None)
     record = quantize(model, calib, layerwise).report["adaquant"]

@@ -103,8 +103,8 @@ def main():
 
 # --help's sections, by option name; each method's own options follow under its name.
 HELP_SECTIONS = {
-    "Model and data": ("model_spec", "weights", "calib", "eval_dir", "eval_steps", "labels", "samples", "text_column",
-                       "label_column", "max_length", "probe_train"),
+    "Model and data": ("model_spec", "weights", "calib", "eval_dir", "eval_steps", "labels", "samples",
+                       "text_column", "label_column", "max_length", "probe_train"),
     "Precision": ("w_bits", "a_bits", "first_last_bits", "layer_bits", "embedding_bits", "quantize_attention",
                   "w_symmetric", "w_asymmetric", "a_symmetric", "requantize", "strict"),
     "Recipe": ("pipeline", "steps", "ranges", "percentile", "output_loss"),
