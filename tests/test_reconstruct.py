@@ -97,6 +97,36 @@ def test_one_layer_units_give_layerwise_adaquant_exactly():
     assert moved > 10  # the fit changed weights, biases and steps
 
 
+def test_one_layer_units_match_layerwise_adaquant_with_8_bit_weights():
+    """Both move 8-bit weights in the same coarser unit (variables.weight_unit)."""
+    torch.manual_seed(1)
+    model = randomize_bn(TinyNet())
+    x = torch.rand(24, 3, 32, 32)
+    cfg = dict(mode="sequential", iters=10, batch_size=8, lr_weight=1e-2, lr_input_quant=1e-1, qdrop=0.0)
+    layerwise, blockwise = rtn(model, x, w_bits=8), rtn(model, x, w_bits=8)
+    adaquant(layerwise, x, AdaQuantConfig(**cfg, reconstruct="layer"), show_progress=False)
+    adaquant(blockwise, x, AdaQuantConfig(**cfg, reconstruct="block"), show_progress=False)
+    a, b = layerwise.module.state_dict(), blockwise.module.state_dict()
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.allclose(v, b[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_free_weights_move_in_units_of_a_4_bit_step_where_they_have_more_bits():
+    """The unit is the channel's own step up to 4 bits and a 4-bit grid's step over the same
+    range above (float64: (hi - lo) / 15), so one rate moves 8-bit weights as far as 4-bit ones."""
+    from sub8.calibrate.variables import weight_unit
+    from sub8.quant.quantizer import Quantizer
+
+    lo, hi = torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 2.5])
+    for bits, levels in ((2, 3), (3, 7), (4, 15), (8, 15)):
+        q = Quantizer(bits, channels=2, channel_axis=0)
+        q.set_range(lo, hi)
+        unit = weight_unit(q, q.step.detach(), 4).flatten().double()
+        assert unit.shape == (2,)
+        assert torch.allclose(unit, (hi - lo).double() / levels, rtol=1e-6), bits
+
+
 def test_learned_rounding_codes_are_within_one_step_of_round_to_nearest():
     torch.manual_seed(0)
     model = TwoBlocks().eval()
