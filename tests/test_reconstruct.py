@@ -97,8 +97,10 @@ def test_one_layer_units_give_layerwise_adaquant_exactly():
     assert moved > 10  # the fit changed weights, biases and steps
 
 
-def test_one_layer_units_match_layerwise_adaquant_with_8_bit_weights():
-    """Both move 8-bit weights in the same coarser unit (variables.weight_unit)."""
+def test_one_layer_units_match_layerwise_adaquant_with_8_bit_weights_on_4_bit_inputs():
+    """Both move such weights in the same coarser unit (variables.weight_unit). (The engines
+    sum in different orders; on the 8-bit grid that differs by up to 5e-5 of a tensor's
+    largest value here, 2e-6 at 4 bits.)"""
     torch.manual_seed(1)
     model = randomize_bn(TinyNet())
     x = torch.rand(24, 3, 32, 32)
@@ -109,22 +111,23 @@ def test_one_layer_units_match_layerwise_adaquant_with_8_bit_weights():
     a, b = layerwise.module.state_dict(), blockwise.module.state_dict()
     for k, v in a.items():
         if isinstance(v, torch.Tensor):
-            assert torch.allclose(v, b[k], rtol=1e-5, atol=1e-6), k
+            assert torch.allclose(v, b[k], rtol=1e-4, atol=1e-4 * v.abs().max().item()), k
 
 
-def test_free_weights_move_in_units_of_a_4_bit_step_where_they_have_more_bits():
-    """The unit is the channel's own step up to 4 bits and a 4-bit grid's step over the same
-    range above (float64: (hi - lo) / 15), so one rate moves 8-bit weights as far as 4-bit ones."""
+def test_free_weights_move_in_4_bit_units_only_where_the_input_is_coarser():
+    """The unit is the channel's own step, but a 4-bit grid's step over the same range (float64:
+    (hi - lo) / 15) where the weights have more than 4 bits and more than the input."""
     from sub8.calibrate.variables import weight_unit
-    from sub8.quant.quantizer import Quantizer
+    from sub8.quant.layers import QuantLayer
 
     lo, hi = torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 2.5])
-    for bits, levels in ((2, 3), (3, 7), (4, 15), (8, 15)):
-        q = Quantizer(bits, channels=2, channel_axis=0)
-        q.set_range(lo, hi)
-        unit = weight_unit(q, q.step.detach(), 4).flatten().double()
-        assert unit.shape == (2,)
-        assert torch.allclose(unit, (hi - lo).double() / levels, rtol=1e-6), bits
+    for w_bits, a_bits, levels in ((2, 4, 3), (4, 4, 15), (4, 2, 15), (8, 8, 255), (8, None, 255),
+                                   (8, 4, 15), (6, 4, 15), (6, 2, 15)):
+        layer = QuantLayer(nn.Linear(3, 2), w_bits, a_bits)
+        layer.weight_quantizer.set_range(lo, hi)
+        unit = weight_unit(layer, layer.weight_quantizer.step.detach())
+        assert unit.shape == (2, 1)
+        assert torch.allclose(unit.flatten().double(), (hi - lo).double() / levels, rtol=1e-6), (w_bits, a_bits)
 
 
 def test_learned_rounding_codes_are_within_one_step_of_round_to_nearest():

@@ -81,13 +81,14 @@ class AdaQuantConfig:
                                 help="AdaQuant iterations per layer or block (default: from --budget)")
     batch_size: int | None = setting(None, flag="--batch-size", type=int,
                                      help="AdaQuant mini-batch (default: from --budget)")
-    # Weights move in units of their channel's grid step, a 4-bit one where they have more bits
-    # (see LayerVariables): the paper's
-    # absolute 1e-5 is about 1e-3 of a step for MobileNetV2's 1x1 convs at 4 bits, but under
-    # 1e-4 for its depthwise convs, which then barely move.
+    # Weights move in units of their channel's grid step (a 4-bit one where the input is
+    # coarser; see LayerVariables): the paper's absolute 1e-5 is about 1e-3 of a step for
+    # MobileNetV2's 1x1 convs at 4 bits, but under 1e-4 for its depthwise convs, which then
+    # barely move.
     lr_weight: float | None = setting(None, flag="--lr-weight", type=float,
                                       help="relative rate of the weights (in units of their channel's grid "
-                                           "step, a 4-bit one above 4 bits; default: from --budget)")
+                                           "step, a 4-bit one where the input has fewer bits; default: "
+                                           "from --budget)")
     lr_bias: float = setting(1e-3, flag="--lr-bias", help="AdaQuant's rate of the biases")
     # Quantizer steps are optimized in log space, so these two are relative rates; the paper's
     # absolute 1e-1 for the input step becomes 1e-2 here.
@@ -291,16 +292,16 @@ class LayerVariables:
     magnitude across layers and channels (on MobileNetV2 the 4-bit weight step is ~0.2 in a
     depthwise conv and ~0.008 in a 1x1 expansion), so one absolute learning rate is far too
     small for some and too big for others. Weights are therefore optimized in units of their
-    channel's initial step, a 4-bit one above 4 bits (W = unit * V, variables.weight_unit: a rate of
-    1e-3 moves a 4-bit weight by at most 0.1% of a grid step per iteration) and steps in log
-    space (step = step0 * exp(u), a relative rate).
+    channel's initial step, a 4-bit one where the input is coarser (W = unit * V,
+    variables.weight_unit: a rate of 1e-3 moves a 4-bit weight by at most 0.1% of a grid step
+    per iteration) and steps in log space (step = step0 * exp(u), a relative rate).
     Zero points live on the integer grid and use absolute learning rates (integer units).
     """
 
     def __init__(self, layer: QuantLayer, cfg: AdaQuantConfig):
         self.layer = layer
         w = layer.layer.weight
-        self.grid = weight_unit(layer.weight_quantizer, layer.weight_quantizer.step.detach().clone(), w.dim())
+        self.grid = weight_unit(layer, layer.weight_quantizer.step.detach().clone())
         self.weight = (w.detach() / self.grid).clone()
         self.params = [self.weight, layer.layer.bias]
         self.lrs = [cfg.lr_weight, cfg.lr_bias]

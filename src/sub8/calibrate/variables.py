@@ -105,19 +105,24 @@ class StepVariable:
         self.q.step.copy_(self.step())
 
 
-# Free weights move in units of their channel's grid step, but of no finer grid than a 4-bit one
-# over the same range: in units of an 8-bit step (1/17 of the 4-bit one) the rate that suits
-# 4-bit weights barely moved them, and MobileNetV2 W8A4 (blocks, QDrop, 100 iterations, seed 0)
-# kept fewer confident top-1s than W4A4 (0.676, KL 0.921), against 0.751 (KL 0.705) at a 16
-# times higher rate.
+# A free weight moves in units of its channel's grid step; in a layer whose input has fewer bits
+# than its weights, and more than 4 bits, in units of a 4-bit grid's step over the same range.
+# There the weights must absorb the coarse input's rounding, and in units of their own fine step
+# the rate that suits 4-bit weights barely moved them: MobileNetV2 W8A4 (blocks, QDrop, 100
+# iterations, seed 0) kept 0.676 of the confident top-1s (KL 0.921), fewer than W4A4 (0.737),
+# and 0.751 (KL 0.705) at a 16 times higher rate. Every layer in 4-bit units cost W4A4 (0.683,
+# KL 0.846): its 8-bit first and last layers, whose inputs have 8 bits, then moved as far too.
 UNIT_BITS = 4
 
 
-def weight_unit(q: Quantizer, step0: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per output channel, the unit in which a free weight moves (shaped to broadcast over a
-    weight of `dim` dimensions): its initial grid step, times (2^b - 1) / (2^4 - 1) above 4 bits."""
-    scale = max(1.0, (2 ** q.bits - 1) / (2 ** UNIT_BITS - 1))
-    return (step0 * scale).view(-1, *[1] * (dim - 1))
+def weight_unit(layer: QuantLayer, step0: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the unit in which a free weight of `layer` moves (shaped to broadcast
+    over its weight): its initial grid step, times (2^b - 1) / (2^4 - 1) where its b > 4 weight
+    bits are more than its input's."""
+    bits, input_bits = layer.weight_quantizer.bits, layer.input_quantizer.bits
+    coarse_input = input_bits is not None and input_bits < bits
+    scale = max(1.0, (2 ** bits - 1) / (2 ** UNIT_BITS - 1)) if coarse_input else 1.0
+    return (step0 * scale).view(-1, *[1] * (layer.layer.weight.dim() - 1))
 
 
 class FreeWeights:
@@ -126,7 +131,7 @@ class FreeWeights:
     def __init__(self, layer: QuantLayer, lr: float, steps: StepVariable):
         w = layer.layer.weight
         self.layer, self.steps = layer, steps
-        self.grid = weight_unit(steps.q, steps.step0, w.dim())
+        self.grid = weight_unit(layer, steps.step0)
         self.weight = (w.detach() / self.grid).clone()
         self.params, self.lrs = [self.weight], [lr]
 
