@@ -325,6 +325,8 @@ RENDERERS = {"adaquant_quality": ("AdaQuant: parallel vs sequential", adaquant_q
                                               reconstruct_table),
              "reconstruct_w4a8_block400": ("Block reconstruction at W4A8 without QDrop: 400 iterations per block "
                                            "(the CPU default)", reconstruct_table),
+             "reconstruct_w8a4": ("Block reconstruction with QDrop at W8A4 (8-bit weights in 4-bit units)",
+                                  reconstruct_table),
              "reconstruct_iters": ("Block reconstruction with QDrop: iterations per block", reconstruct_table),
              "reconstruct_w2a4_iters": ("Block reconstruction with QDrop at W2A4: iterations per block",
                                         reconstruct_table),
