@@ -105,13 +105,14 @@ class StepVariable:
         self.q.step.copy_(self.step())
 
 
-# A free weight moves in units of its channel's grid step; in a layer whose input has fewer bits
-# than its weights, and more than 4 bits, in units of a 4-bit grid's step over the same range.
-# There the weights must absorb the coarse input's rounding, and in units of their own fine step
-# the rate that suits 4-bit weights barely moved them: MobileNetV2 W8A4 (blocks, QDrop, 100
+# A free weight moves in units of its channel's grid step; in a layer whose weights have more than
+# 4 bits and more bits than its input, in units of a 4-bit grid's step over the same range. There
+# the weights must absorb the coarse input's rounding, and in units of their own fine step the
+# rate that suits 4-bit weights barely moved them: MobileNetV2 W8A4 (blocks, QDrop, 100
 # iterations, seed 0) kept 0.676 of the confident top-1s (KL 0.921), fewer than W4A4 (0.737),
-# and 0.751 (KL 0.705) at a 16 times higher rate. Every layer in 4-bit units cost W4A4 (0.683,
-# KL 0.846): its 8-bit first and last layers, whose inputs have 8 bits, then moved as far too.
+# and 0.758 (KL 0.670) in 4-bit units (benchmarks/results/reconstruct_w8a4.json). Every layer
+# in 4-bit units cost W4A4 (0.683, KL 0.846): its 8-bit first and last layers, whose inputs
+# have 8 bits, then moved as far too.
 UNIT_BITS = 4
 
 
