@@ -125,7 +125,7 @@ def test_free_weights_move_in_4_bit_units_only_where_the_input_is_coarser():
                                    (8, 4, 15), (6, 4, 15), (6, 2, 15)):
         layer = QuantLayer(nn.Linear(3, 2), w_bits, a_bits)
         layer.weight_quantizer.set_range(lo, hi)
-        unit = weight_unit(layer, layer.weight_quantizer.step.detach())
+        unit = weight_unit(layer)
         assert unit.shape == (2, 1)
         assert torch.allclose(unit.flatten().double(), (hi - lo).double() / levels, rtol=1e-6), (w_bits, a_bits)
 

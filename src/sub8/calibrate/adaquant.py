@@ -301,7 +301,7 @@ class LayerVariables:
     def __init__(self, layer: QuantLayer, cfg: AdaQuantConfig):
         self.layer = layer
         w = layer.layer.weight
-        self.grid = weight_unit(layer, layer.weight_quantizer.step.detach().clone())
+        self.grid = weight_unit(layer)
         self.weight = (w.detach() / self.grid).clone()
         self.params = [self.weight, layer.layer.bias]
         self.lrs = [cfg.lr_weight, cfg.lr_bias]

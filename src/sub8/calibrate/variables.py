@@ -116,14 +116,14 @@ class StepVariable:
 UNIT_BITS = 4
 
 
-def weight_unit(layer: QuantLayer, step0: torch.Tensor) -> torch.Tensor:
-    """Per output channel, the unit in which a free weight of `layer` moves (shaped to broadcast
-    over its weight): its initial grid step, times (2^b - 1) / (2^4 - 1) where its b > 4 weight
-    bits are more than its input's."""
-    bits, input_bits = layer.weight_quantizer.bits, layer.input_quantizer.bits
-    coarse_input = input_bits is not None and input_bits < bits
-    scale = max(1.0, (2 ** bits - 1) / (2 ** UNIT_BITS - 1)) if coarse_input else 1.0
-    return (step0 * scale).view(-1, *[1] * (layer.layer.weight.dim() - 1))
+def weight_unit(layer: QuantLayer) -> torch.Tensor:
+    """Per output channel, the unit in which a free weight of `layer` moves from now on (a new
+    tensor, shaped to broadcast over its weight): its grid step, times (2^b - 1) / (2^4 - 1)
+    where its b > 4 weight bits are more than its input's."""
+    q, input_bits = layer.weight_quantizer, layer.input_quantizer.bits
+    coarse_input = input_bits is not None and input_bits < q.bits
+    scale = max(1.0, (2 ** q.bits - 1) / (2 ** UNIT_BITS - 1)) if coarse_input else 1.0
+    return (q.step.detach() * scale).view(-1, *[1] * (layer.layer.weight.dim() - 1))
 
 
 class FreeWeights:
@@ -132,7 +132,7 @@ class FreeWeights:
     def __init__(self, layer: QuantLayer, lr: float, steps: StepVariable):
         w = layer.layer.weight
         self.layer, self.steps = layer, steps
-        self.grid = weight_unit(layer, steps.step0)
+        self.grid = weight_unit(layer)
         self.weight = (w.detach() / self.grid).clone()
         self.params, self.lrs = [self.weight], [lr]
 
